@@ -1,0 +1,19 @@
+"""deformjax: deformable and dilated convolutions for JAX and Flax.
+
+Channels-last (NHWC) inputs and HWIO kernels throughout. The ops are pure
+functions, differentiable to any order and jit-able; see the README.
+"""
+
+from deformjax._src.ops.deform_conv import deform_conv
+from deformjax._src.ops.deform_roi_pool import deform_roi_pool
+from deformjax._src.ops.dilated_conv import dilated_conv
+from deformjax._src.tools.receptive_field import receptive_field
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "deform_conv",
+    "deform_roi_pool",
+    "dilated_conv",
+    "receptive_field",
+]

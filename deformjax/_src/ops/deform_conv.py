@@ -1,0 +1,165 @@
+"""Deformable convolution, v1 and modulated v2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deformjax._src import args
+from deformjax._src.sampling import bilinear_sample, corner_table
+
+_FN = "deform_conv"
+
+
+def deform_conv(
+    x: jax.Array,
+    offset: jax.Array,
+    kernel: jax.Array,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    strides: int | tuple[int, int] = 1,
+    padding: Any = 0,
+    dilation: int | tuple[int, int] = 1,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> jax.Array:
+    """Deformable convolution (DCN v1; modulated DCN v2 when ``mask`` is given).
+
+    Every tap ``t = i * kw + j`` of the kernel samples the input at its regular
+    grid position plus a learned fractional offset, with bilinear interpolation
+    (zeros outside the image); the samples, times the modulation mask, are then
+    contracted with the kernel. Numerically this is
+    ``torchvision.ops.deform_conv2d`` with channels last, forward and every
+    gradient.
+
+    Args:
+      x: input, ``(N, H, W, C_in)``.
+      offset: ``(N, H_out, W_out, 2 * G * kh * kw)``, in pixels; the last axis
+        is indexed ``(g * K + t) * 2 + {0: dy, 1: dx}``. The number of offset
+        groups ``G`` (which must divide ``C_in``) is inferred from this size;
+        input channel block ``g`` (of ``C_in / G`` contiguous channels) follows
+        the offsets of group ``g``.
+      kernel: ``(kh, kw, C_in // feature_group_count, C_out)`` (HWIO).
+      mask: optional ``(N, H_out, W_out, G * kh * kw)``, indexed ``g * K + t``,
+        multiplying each sample (DCN v2).
+      bias: optional ``(C_out,)``.
+      strides: int or ``(h, w)``, at least 1.
+      padding: int, ``(ph, pw)``, ``((top, bottom), (left, right))``,
+        ``'SAME'`` or ``'VALID'``, as in ``lax.conv_general_dilated``.
+      dilation: int or ``(h, w)``, the kernel dilation, at least 1.
+      feature_group_count: weight groups, as in ``lax.conv_general_dilated``.
+      precision: passed to the contraction with the kernel.
+
+    Returns:
+      ``(N, H_out, W_out, C_out)`` in the promoted dtype of the inputs. Sampling
+      point of output ``(ho, wo)``, tap ``(i, j)``:
+      ``y = ho * strides[0] - top + i * dilation[0] + dy`` and
+      ``x = wo * strides[1] - left + j * dilation[1] + dx``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import deform_conv
+      >>> x = jnp.ones((2, 8, 8, 4))
+      >>> offset = jnp.zeros((2, 8, 8, 2 * 3 * 3))
+      >>> kernel = jnp.ones((3, 3, 4, 16))
+      >>> deform_conv(x, offset, kernel, padding=1).shape
+      (2, 8, 8, 16)
+    """
+    x, offset, kernel = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(kernel)
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = None if bias is None else jnp.asarray(bias)
+    spec = _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_group_count)
+    n, h, w, c_in = x.shape
+    kh, kw, _, c_out = kernel.shape
+    ho, wo, groups, taps = spec["out_h"], spec["out_w"], spec["groups"], kh * kw
+    (sh, sw), (dh, dw), ((top, _), (left, _)) = spec["strides"], spec["dilation"], spec["pads"]
+    dtype, acc = args.compute_dtypes(x, offset, kernel, mask, bias)
+
+    # Sampling points, laid out (N, H_out, W_out, K, G) so that the samples come
+    # out as the im2col matrix (N, H_out, W_out, K, C_in) without a transpose.
+    grid_y = (jnp.arange(ho) * sh - top)[:, None] + jnp.arange(kh) * dh  # (Ho, kh)
+    grid_x = (jnp.arange(wo) * sw - left)[:, None] + jnp.arange(kw) * dw  # (Wo, kw)
+    grid_y = jnp.broadcast_to(grid_y[:, None, :, None], (ho, wo, kh, kw)).reshape(ho, wo, taps)
+    grid_x = jnp.broadcast_to(grid_x[None, :, None, :], (ho, wo, kh, kw)).reshape(ho, wo, taps)
+    off = offset.astype(acc).reshape(n, ho, wo, groups, taps, 2).transpose(0, 1, 2, 4, 3, 5)
+    ys = grid_y.astype(acc)[..., None] + off[..., 0]
+    xs = grid_x.astype(acc)[..., None] + off[..., 1]
+    scale = None
+    if mask is not None:
+        scale = mask.astype(acc).reshape(n, ho, wo, groups, taps).transpose(0, 1, 2, 4, 3)
+
+    # Offset group g of image n is image n * G + g of (N * G, H, W, C_in / G).
+    images = x.astype(dtype).reshape(n, h, w, groups, c_in // groups)
+    images = images.transpose(0, 3, 1, 2, 4).reshape(n * groups, h, w, c_in // groups)
+    batch = (jnp.arange(n)[:, None] * groups + jnp.arange(groups)).reshape(n, 1, 1, 1, groups)
+    cols = bilinear_sample(
+        corner_table(images, "zeros"), ys, xs, batch, size=(h, w), mode="zeros", scale=scale
+    )  # (N, Ho, Wo, K, G, C_in / G)
+
+    fg = feature_group_count
+    cols = cols.astype(dtype).reshape(n, ho, wo, taps, fg, c_in // fg)
+    weights = kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg)
+    out = jnp.einsum(
+        "nhwkfc,kcfo->nhwfo", cols, weights, precision=precision, preferred_element_type=acc
+    ).reshape(n, ho, wo, c_out)
+    if bias is not None:
+        out = out + bias.astype(acc)
+    return out.astype(dtype)
+
+
+def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_group_count):
+    args.check_floating(_FN, x=x, offset=offset, kernel=kernel, mask=mask, bias=bias)
+    args.check_rank(_FN, "x", x, 4, "(N, H, W, C_in)")
+    args.check_rank(_FN, "offset", offset, 4, "(N, H_out, W_out, 2 * offset_groups * kh * kw)")
+    args.check_rank(_FN, "kernel", kernel, 4, "(kh, kw, C_in // feature_group_count, C_out)")
+    strides = args.as_pair(strides, "strides", _FN)
+    dilation = args.as_pair(dilation, "dilation", _FN)
+    fg = args.check_positive_int(_FN, "feature_group_count", feature_group_count)
+    n, h, w, c_in = x.shape
+    kh, kw, _, c_out = kernel.shape
+    args.check_conv_kernel(_FN, kernel.shape, c_in, fg)
+    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+    pads = args.as_padding(padding, _FN, in_hw=(h, w), window_hw=window, strides=strides)
+    out_h, out_w = args.conv_output_hw(_FN, (h, w), pads, (kh, kw), dilation, strides)
+    taps = kh * kw
+    if offset.shape[:3] != (n, out_h, out_w):
+        raise args.fail(
+            _FN,
+            f"offset.shape[:3] must be (N, H_out, W_out) = {(n, out_h, out_w)}; "
+            f"got {offset.shape[:3]}",
+        )
+    if offset.shape[3] == 0 or offset.shape[3] % (2 * taps):
+        raise args.fail(
+            _FN,
+            "offset.shape[-1] must be 2 * offset_groups * kh * kw; "
+            f"got {offset.shape[3]} for a {kh}x{kw} kernel",
+        )
+    groups = offset.shape[3] // (2 * taps)
+    if c_in % groups:
+        raise args.fail(
+            _FN,
+            f"offset groups must divide x.shape[-1] (C_in); got {groups} offset groups "
+            f"(offset.shape[-1] {offset.shape[3]}) for C_in {c_in}",
+        )
+    if mask is not None:
+        args.check_rank(_FN, "mask", mask, 4, "(N, H_out, W_out, offset_groups * kh * kw)")
+        expected = (n, out_h, out_w, groups * taps)
+        if mask.shape != expected:
+            raise args.fail(
+                _FN,
+                f"mask.shape must be (N, H_out, W_out, offset_groups * kh * kw) = {expected}; "
+                f"got {mask.shape}",
+            )
+    if bias is not None and bias.shape != (c_out,):
+        raise args.fail(_FN, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
+    return dict(
+        strides=strides,
+        dilation=dilation,
+        pads=pads,
+        out_h=out_h,
+        out_w=out_w,
+        groups=groups,
+    )

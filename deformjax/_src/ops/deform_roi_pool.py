@@ -1,0 +1,169 @@
+"""Deformable RoI pooling (Dai et al. 2017, section 2.2), with mmcv's semantics."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from deformjax._src import args
+from deformjax._src.sampling import bilinear_sample, corner_table
+
+_FN = "deform_roi_pool"
+
+
+def deform_roi_pool(
+    features: jax.Array,
+    rois: jax.Array,
+    offset: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> jax.Array:
+    """Deformable RoI pooling, RoIAlign-style ("aligned"), optionally modulated.
+
+    Each RoI is split into ``oh x ow`` bins; bin ``(i, j)`` is shifted by
+    ``gamma * roi_height * dy`` rows and ``gamma * roi_width * dx`` columns and
+    averages a regular grid of bilinear samples (RoIAlign's boundary rule). With
+    ``offset=None`` this is ``torchvision.ops.roi_align(..., aligned=True)``;
+    with offsets it is mmcv's ``DeformRoIPool`` (``ModulatedDeformRoIPool`` when
+    ``mask`` is given).
+
+    Args:
+      features: ``(N, H, W, C)`` feature map.
+      rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in input-image
+        coordinates; times ``spatial_scale`` they are feature coordinates, and
+        the RoI corners are shifted by -0.5 ("aligned"). ``batch_index`` is
+        truncated to an int; a RoI whose batch index is outside ``[0, N)``
+        gives NaN (it cannot raise under ``jit``). ``rois`` carry no gradient.
+      offset: optional ``(R, oh, ow, 2)``, normalized ``(dy, dx)`` per bin.
+        (mmcv's ``(R, 2, oh, ow)`` with ``(dx, dy)``, transposed to
+        ``(0, 2, 3, 1)`` with the last axis reversed.)
+      mask: optional ``(R, oh, ow, 1)``, multiplying each output bin.
+      output_size: int or ``(oh, ow)``.
+      spatial_scale: positive factor from input-image to feature coordinates.
+      sampling_ratio: samples per bin along each axis when positive; when
+        ``<= 0``, adaptive: ``ceil(roi_height / oh)`` by ``ceil(roi_width / ow)``
+        per RoI, as torchvision / mmcv / detectron2 do. Under ``jit`` the
+        number of samples cannot depend on data, so the adaptive grid is
+        evaluated on a static ``ceil(H / oh) x ceil(W / ow)`` grid with the
+        surplus samples weighted 0: exact for every RoI no larger than the
+        feature map. A RoI taller (wider) than the map gets ``ceil(H / oh)``
+        (``ceil(W / ow)``) samples per bin and axis instead, still spread
+        evenly over the bin, so its average approximates the same integral
+        with fewer samples. That static grid is also the cost: prefer a
+        positive ``sampling_ratio`` for speed.
+      gamma: scale of the offsets.
+
+    Returns:
+      ``(R, oh, ow, C)`` in the promoted dtype of ``features``, ``offset`` and
+      ``mask``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import deform_roi_pool
+      >>> features = jnp.ones((1, 16, 16, 8))
+      >>> rois = jnp.array([[0.0, 2.0, 2.0, 10.0, 12.0]])
+      >>> offset = jnp.zeros((1, 7, 7, 2))
+      >>> deform_roi_pool(features, rois, offset, output_size=7, sampling_ratio=2).shape
+      (1, 7, 7, 8)
+    """
+    features, rois = jnp.asarray(features), jnp.asarray(rois)
+    offset = None if offset is None else jnp.asarray(offset)
+    mask = None if mask is None else jnp.asarray(mask)
+    (oh, ow) = _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
+    n, h, w, channels = features.shape
+    num_rois = rois.shape[0]
+    dtype, acc = args.compute_dtypes(features, offset, mask)
+
+    rois = lax.stop_gradient(rois).astype(acc)
+    start_w = rois[:, 1] * spatial_scale - 0.5
+    start_h = rois[:, 2] * spatial_scale - 0.5
+    roi_w = (rois[:, 3] * spatial_scale - 0.5) - start_w
+    roi_h = (rois[:, 4] * spatial_scale - 0.5) - start_h
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+
+    if sampling_ratio > 0:
+        grid_h = grid_w = sampling_ratio
+        count_h = count_w = jnp.full((num_rois,), sampling_ratio, acc)
+    else:
+        grid_h, grid_w = max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow))
+        count_h = jnp.clip(jnp.ceil(bin_h), 0, grid_h)
+        count_w = jnp.clip(jnp.ceil(bin_w), 0, grid_w)
+
+    # Bin origins (R, oh, ow): the RoI start moved by the bin's offset, plus the
+    # bin's place in the RoI (mmcv's order of evaluation).
+    y0 = jnp.broadcast_to(start_h[:, None, None], (num_rois, oh, ow))
+    x0 = jnp.broadcast_to(start_w[:, None, None], (num_rois, oh, ow))
+    if offset is not None:
+        off = offset.astype(acc)
+        y0 = y0 + gamma * roi_h[:, None, None] * off[..., 0]
+        x0 = x0 + gamma * roi_w[:, None, None] * off[..., 1]
+    y0 = y0 + (jnp.arange(oh, dtype=acc) * bin_h[:, None])[:, :, None]
+    x0 = x0 + (jnp.arange(ow, dtype=acc) * bin_w[:, None])[:, None, :]
+
+    # Sample points (R, oh, ow, grid_h, grid_w), in torchvision's evaluation order.
+    index_h = jnp.arange(grid_h, dtype=acc)
+    index_w = jnp.arange(grid_w, dtype=acc)
+    dy = (index_h + 0.5) * bin_h[:, None] / jnp.maximum(count_h, 1)[:, None]  # (R, grid_h)
+    dx = (index_w + 0.5) * bin_w[:, None] / jnp.maximum(count_w, 1)[:, None]  # (R, grid_w)
+    ys = y0[..., None, None] + dy[:, None, None, :, None]
+    xs = x0[..., None, None] + dx[:, None, None, None, :]
+
+    # Averaging weight per sample: 1 / count for the first count_h x count_w
+    # samples of each bin, 0 for the surplus of the static adaptive grid.
+    used_h = (index_h < count_h[:, None]).astype(acc)  # (R, grid_h)
+    used_w = (index_w < count_w[:, None]).astype(acc)  # (R, grid_w)
+    total = jnp.maximum(count_h * count_w, 1)
+    weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
+    weight = weight[:, None, None]  # (R, 1, 1, grid_h, grid_w)
+
+    batch = jnp.trunc(rois[:, 0])
+    batch_ok = (batch >= 0) & (batch < n)
+    batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None, None, None]
+
+    samples = bilinear_sample(
+        corner_table(features.astype(dtype), "clamp"),
+        ys,
+        xs,
+        batch,
+        size=(h, w),
+        mode="clamp",
+        scale=weight,
+    )  # (R, oh, ow, grid_h, grid_w, C)
+    out = samples.sum(axis=(3, 4))
+    if mask is not None:
+        out = out * mask.astype(acc)
+    out = jnp.where(batch_ok[:, None, None, None], out, jnp.nan)
+    return out.astype(dtype)
+
+
+def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
+    args.check_floating(_FN, features=features, rois=rois, offset=offset, mask=mask)
+    args.check_rank(_FN, "features", features, 4, "(N, H, W, C)")
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise args.fail(
+            _FN, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
+        )
+    oh, ow = args.as_pair(output_size, "output_size", _FN)
+    if not args.is_real(spatial_scale) or not 0 < spatial_scale < math.inf:
+        raise args.fail(_FN, f"spatial_scale must be a positive finite number; got {spatial_scale!r}")
+    if not args.is_int(sampling_ratio):
+        raise args.fail(_FN, f"sampling_ratio must be an int; got {sampling_ratio!r}")
+    if not args.is_real(gamma) or not math.isfinite(gamma):
+        raise args.fail(_FN, f"gamma must be a finite number; got {gamma!r}")
+    num_rois = rois.shape[0]
+    if offset is not None and offset.shape != (num_rois, oh, ow, 2):
+        raise args.fail(
+            _FN, f"offset.shape must be (R, oh, ow, 2) = {(num_rois, oh, ow, 2)}; got {offset.shape}"
+        )
+    if mask is not None and mask.shape != (num_rois, oh, ow, 1):
+        raise args.fail(
+            _FN, f"mask.shape must be (R, oh, ow, 1) = {(num_rois, oh, ow, 1)}; got {mask.shape}"
+        )
+    return oh, ow
