@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -72,10 +73,31 @@ def deform_conv(
     mask = None if mask is None else jnp.asarray(mask)
     bias = None if bias is None else jnp.asarray(bias)
     spec = _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_group_count)
+    return _deform_conv(
+        x,
+        offset,
+        kernel,
+        mask,
+        bias,
+        strides=spec["strides"],
+        pads=spec["pads"],
+        dilation=spec["dilation"],
+        feature_group_count=spec["feature_group_count"],
+        precision=precision,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("strides", "pads", "dilation", "feature_group_count", "precision")
+)
+def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feature_group_count,
+                 precision):
     n, h, w, c_in = x.shape
     kh, kw, _, c_out = kernel.shape
-    ho, wo, groups, taps = spec["out_h"], spec["out_w"], spec["groups"], kh * kw
-    (sh, sw), (dh, dw), ((top, _), (left, _)) = spec["strides"], spec["dilation"], spec["pads"]
+    _, ho, wo, _ = offset.shape
+    taps = kh * kw
+    groups = offset.shape[-1] // (2 * taps)
+    (sh, sw), (dh, dw), ((top, _), (left, _)) = strides, dilation, pads
     dtype, acc = args.compute_dtypes(x, offset, kernel, mask, bias)
 
     # Sampling points, laid out (N, H_out, W_out, K, G) so that the samples come
@@ -155,11 +177,4 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
             )
     if bias is not None and bias.shape != (c_out,):
         raise args.fail(_FN, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
-    return dict(
-        strides=strides,
-        dilation=dilation,
-        pads=pads,
-        out_h=out_h,
-        out_w=out_w,
-        groups=groups,
-    )
+    return dict(strides=strides, dilation=dilation, pads=pads, feature_group_count=fg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -77,6 +78,24 @@ def deform_roi_pool(
     offset = None if offset is None else jnp.asarray(offset)
     mask = None if mask is None else jnp.asarray(mask)
     (oh, ow) = _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
+    return _deform_roi_pool(
+        features,
+        rois,
+        offset,
+        mask,
+        output_size=(oh, ow),
+        spatial_scale=float(spatial_scale),
+        sampling_ratio=int(sampling_ratio),
+        gamma=float(gamma),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("output_size", "spatial_scale", "sampling_ratio", "gamma")
+)
+def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale, sampling_ratio,
+                     gamma):
+    oh, ow = output_size
     n, h, w, channels = features.shape
     num_rois = rois.shape[0]
     dtype, acc = args.compute_dtypes(features, offset, mask)

@@ -1,0 +1,206 @@
+"""deform_conv against the float64 loop reference, identities, and autodiff checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from deformjax import deform_conv
+from reference import deform_conv_reference
+
+
+def make_inputs(rng, *, n=2, hw=(6, 6), c_in=4, c_out=4, kernel=(3, 3), groups=1, fg=1,
+                out_hw=None, offsets="normal", mask=False, bias=True):
+    h, w = hw
+    ho, wo = out_hw if out_hw is not None else hw
+    taps = kernel[0] * kernel[1]
+    size = (n, ho, wo, 2 * groups * taps)
+    if offsets == "normal":
+        off = rng.normal(scale=1.5, size=size)
+    elif offsets == "integer":
+        off = rng.integers(-3, 4, size=size).astype(np.float64)
+    elif offsets == "half":
+        off = rng.integers(-6, 7, size=size) / 2.0
+    elif offsets == "far":
+        off = rng.normal(scale=10.0, size=size)
+    elif offsets == "zero":
+        off = np.zeros(size)
+    elif offsets == "fractional":  # away from the kinks at integers, for finite differences
+        off = rng.integers(-2, 3, size=size) + rng.uniform(0.2, 0.8, size=size)
+    else:
+        raise ValueError(offsets)
+    return dict(
+        x=rng.normal(size=(n, h, w, c_in)),
+        offset=off,
+        kernel=rng.normal(size=kernel + (c_in // fg, c_out)),
+        mask=rng.uniform(0.1, 1.0, size=(n, ho, wo, groups * taps)) if mask else None,
+        bias=rng.normal(size=(c_out,)) if bias else None,
+    )
+
+
+# (hw, c_in, c_out, kernel, strides, padding (pairs), dilation, fg, offset groups, mask, offsets)
+GRID = {
+    "base": ((6, 6), 4, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 1, False, "normal"),
+    "integer_mask": ((6, 6), 4, 3, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 1, True, "integer"),
+    "fresh_layer_border": ((5, 6), 3, 2, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 1, True, "zero"),
+    "stride2_groups": ((7, 7), 4, 6, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), 2, 2, False, "normal"),
+    "nonsquare_asym_pad": ((6, 7), 4, 2, (2, 3), (1, 2), ((1, 0), (2, 1)), (2, 1), 1, 1, True, "half"),
+    "valid_dilation2": ((8, 7), 4, 3, (3, 3), (1, 1), ((0, 0), (0, 0)), (2, 2), 1, 2, False, "normal"),
+    "far_outside": ((5, 5), 2, 3, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 1, True, "far"),
+    "pointwise_g4": ((5, 5), 4, 2, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, 4, True, "normal"),
+    "fg2_stride2_half": ((7, 6), 4, 4, (3, 3), (2, 2), ((2, 2), (2, 2)), (1, 1), 2, 1, True, "half"),
+    "wide_kernel": ((5, 8), 2, 2, (3, 2), (1, 1), ((1, 1), (0, 0)), (1, 2), 1, 1, False, "integer"),
+    "negative_padding": ((7, 7), 2, 2, (3, 3), (1, 1), ((-1, 1), (0, -1)), (1, 1), 1, 1, True, "normal"),
+}
+
+
+def out_hw(hw, kernel, strides, pads, dilation):
+    return tuple(
+        (s + lo + hi - (k - 1) * d - 1) // st + 1
+        for s, k, st, (lo, hi), d in zip(hw, kernel, strides, pads, dilation)
+    )
+
+
+@pytest.mark.parametrize("case", sorted(GRID))
+def test_matches_loop_reference(case, rng):
+    hw, c_in, c_out, kernel, strides, pads, dilation, fg, groups, mask, offsets = GRID[case]
+    inputs = make_inputs(
+        rng, hw=hw, c_in=c_in, c_out=c_out, kernel=kernel, groups=groups, fg=fg, mask=mask,
+        offsets=offsets, out_hw=out_hw(hw, kernel, strides, pads, dilation),
+    )
+    fn = functools.partial(
+        deform_conv, strides=strides, padding=pads, dilation=dilation, feature_group_count=fg
+    )
+    keys = ["x", "offset", "kernel", "mask", "bias"]
+    args = [inputs[k] for k in keys]
+    out_ref = deform_conv_reference(
+        *args, strides=strides, padding=pads, dilation=dilation, groups=fg
+    )
+    cotangent = rng.normal(size=out_ref.shape)
+    _, grads_ref = deform_conv_reference(
+        *args, strides=strides, padding=pads, dilation=dilation, groups=fg, cotangent=cotangent
+    )
+
+    @jax.jit
+    def run(args, cotangent):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(cotangent)
+
+    out, grads = run(args, cotangent)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-10, atol=1e-10)
+    for key, grad in zip(keys, grads):
+        if inputs[key] is not None:
+            np.testing.assert_allclose(grad, grads_ref[key], rtol=1e-10, atol=1e-10, err_msg=key)
+
+
+CONV_CASES = [
+    # strides, padding as given, dilation, fg, kernel
+    ((1, 1), 1, (1, 1), 1, (3, 3)),
+    ((2, 1), "SAME", (2, 2), 2, (3, 3)),
+    ((1, 2), "VALID", (1, 3), 1, (2, 3)),
+    (2, ((2, 0), (1, 2)), 1, 4, (3, 1)),
+]
+
+
+@pytest.mark.parametrize("strides, padding, dilation, fg, kernel", CONV_CASES)
+def test_zero_offsets_equal_lax_conv(strides, padding, dilation, fg, kernel, rng):
+    x = jnp.asarray(rng.normal(size=(2, 9, 8, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=kernel + (4 // fg, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+    sp = (strides, strides) if isinstance(strides, int) else strides
+    dl = (dilation, dilation) if isinstance(dilation, int) else dilation
+    pads = padding
+    if isinstance(padding, int):
+        pads = ((padding, padding), (padding, padding))
+
+    def plain(x, k, b):
+        return lax.conv_general_dilated(
+            x, k, sp, pads, rhs_dilation=dl, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=fg, precision="highest",
+        ) + b
+
+    expected = plain(x, k, b)
+    n, ho, wo, _ = expected.shape
+    offset = jnp.zeros((n, ho, wo, 2 * kernel[0] * kernel[1]), jnp.float32)
+    ones = jnp.ones((n, ho, wo, kernel[0] * kernel[1]), jnp.float32)
+
+    def deform(x, k, b, mask=None):
+        return deform_conv(
+            x, offset, k, mask, b, strides=strides, padding=padding, dilation=dilation,
+            feature_group_count=fg, precision="highest",
+        )
+
+    out = jax.jit(deform)(x, k, b)
+    assert out.dtype == jnp.float32 and out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(deform)(x, k, b, ones), expected, rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    grads = jax.vjp(deform, x, k, b)[1](ct)
+    grads_plain = jax.vjp(plain, x, k, b)[1](ct)
+    for g, gp in zip(grads, grads_plain):
+        np.testing.assert_allclose(g, gp, rtol=1e-4, atol=1e-4)
+
+
+def test_integer_offsets_shift_the_input(rng):
+    """All taps moved by the same integer (dy, dx) = a convolution of the shifted image."""
+    x = rng.normal(size=(1, 7, 8, 3))
+    k = rng.normal(size=(3, 3, 3, 2))
+    dy, dx = 2, -1
+    offset = np.tile([dy, dx], (1, 7, 8, 9)).astype(np.float64)
+    # Sample (y, x) of the padded grid reads pixel (y + dy, x + dx), zero outside.
+    big = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    shifted = big[:, 3 + dy: 3 + dy + 9, 3 + dx: 3 + dx + 10]
+    expected = lax.conv_general_dilated(
+        shifted, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(deform_conv(x, offset, k, padding=1), expected, atol=1e-12)
+
+
+def test_shared_offset_groups_equal_one_group(rng):
+    inputs = make_inputs(rng, c_in=4, groups=1, mask=True)
+    one = deform_conv(**inputs, padding=1)
+    offset2 = np.concatenate([inputs["offset"]] * 2, axis=-1)
+    mask2 = np.concatenate([inputs["mask"]] * 2, axis=-1)
+    two = deform_conv(inputs["x"], offset2, inputs["kernel"], mask2, inputs["bias"], padding=1)
+    np.testing.assert_allclose(two, one, atol=1e-12)
+
+
+def test_padding_forms_agree(rng):
+    inputs = make_inputs(rng, hw=(6, 6), mask=True)
+    results = [
+        deform_conv(**inputs, padding=p) for p in (1, (1, 1), ((1, 1), (1, 1)), "SAME", "same")
+    ]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_check_grads_non_integer_offsets(rng):
+    inputs = make_inputs(rng, n=1, hw=(5, 5), c_in=2, c_out=2, groups=2, mask=True,
+                         offsets="fractional")
+    fn = functools.partial(deform_conv, strides=1, padding=1, dilation=1)
+    args = tuple(inputs[k] for k in ("x", "offset", "kernel", "mask", "bias"))
+    check_grads(fn, args, order=1, modes=("fwd", "rev"))
+
+
+def test_vmap_matches_loop(rng):
+    batched = [make_inputs(rng, n=1, mask=True) for _ in range(3)]
+    stack = {k: np.stack([b[k] for b in batched]) for k in batched[0]}
+    fn = functools.partial(deform_conv, padding=1)
+    out = jax.jit(jax.vmap(fn))(stack["x"], stack["offset"], stack["kernel"], stack["mask"],
+                                stack["bias"])
+    for i, b in enumerate(batched):
+        np.testing.assert_allclose(out[i], fn(**b), rtol=1e-12, atol=1e-12)
+
+
+def test_dtypes(rng):
+    inputs = make_inputs(rng, mask=True)
+    f32 = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    assert deform_conv(**f32, padding=1).dtype == jnp.float32
+    assert deform_conv(**inputs, padding=1).dtype == jnp.float64
+    with jax.numpy_dtype_promotion("standard"):
+        mixed = dict(f32, offset=jnp.asarray(inputs["offset"], jnp.float64))
+        assert deform_conv(**mixed, padding=1).dtype == jnp.float64

@@ -1,0 +1,151 @@
+"""deform_roi_pool against the float64 loop reference (mmcv's formulas) and identities."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_fixture
+from deformjax import deform_roi_pool
+from reference import deform_roi_pool_reference
+
+
+def random_rois(rng, num, n, h, w, *, spatial_scale=1.0, outside=0.0):
+    """RoIs [b, x1, y1, x2, y2] in image coordinates, reaching ``outside`` * size past the map."""
+    size = np.array([w, h]) / spatial_scale
+    lo = rng.uniform(-outside, 0.8, size=(num, 2)) * size
+    hi = lo + rng.uniform(0.1, 0.9 + outside, size=(num, 2)) * size
+    batch = rng.integers(0, n, size=(num, 1))
+    return np.concatenate([batch, lo, hi], axis=1)
+
+
+GRID = {
+    # features (n, h, w, c), num rois, output_size, spatial_scale, sampling_ratio, offset, mask, outside
+    "fixed2": ((2, 12, 10, 3), 5, (3, 3), 1.0, 2, True, False, 0.0),
+    "adaptive": ((1, 16, 14, 2), 4, (3, 2), 1.0, 0, True, False, 0.0),
+    "adaptive_no_offset": ((2, 11, 13, 2), 4, (2, 3), 1.0, -1, False, False, 0.0),
+    "partly_outside": ((1, 10, 10, 2), 6, (2, 2), 1.0, 3, True, False, 0.4),
+    "scaled_modulated": ((2, 8, 9, 3), 4, (4, 3), 0.5, 1, True, True, 0.0),
+}
+
+
+def _run(features, rois, offset, mask, cotangent, **kw):
+    fn = functools.partial(deform_roi_pool, **kw)
+
+    @jax.jit
+    def run(features, offset, mask, cotangent):
+        out, vjp = jax.vjp(lambda f, o, m: fn(f, rois, o, m), features, offset, mask)
+        return out, vjp(cotangent)
+
+    return run(features, offset, mask, cotangent)
+
+
+@pytest.mark.parametrize("case", sorted(GRID))
+def test_matches_loop_reference(case, rng):
+    shape, num, output_size, scale, ratio, with_offset, with_mask, outside = GRID[case]
+    n, h, w, _ = shape
+    features = rng.normal(size=shape)
+    rois = random_rois(rng, num, n, h, w, spatial_scale=scale, outside=outside)
+    offset = rng.normal(scale=0.3, size=(num,) + output_size + (2,)) if with_offset else None
+    mask = rng.uniform(0.2, 1.0, size=(num,) + output_size + (1,)) if with_mask else None
+    kw = dict(output_size=output_size, spatial_scale=scale, sampling_ratio=ratio, gamma=0.1)
+    cotangent = rng.normal(size=(num,) + output_size + (shape[-1],))
+    out_ref, grad_ref = deform_roi_pool_reference(
+        features, rois, offset, mask, cotangent=cotangent, **kw
+    )
+    out, (grad_features, grad_offset, grad_mask) = _run(
+        features, rois, offset, mask, cotangent, **kw
+    )
+    np.testing.assert_allclose(out, out_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad_features, grad_ref, rtol=1e-10, atol=1e-12)
+    if with_mask:
+        # out is linear in the mask: d/dmask sum(out * ct) = sum_c (out / mask) * ct.
+        expected = (out_ref / mask * cotangent).sum(-1, keepdims=True)
+        np.testing.assert_allclose(grad_mask, expected, rtol=1e-9, atol=1e-12)
+    if with_offset:
+        # Central differences of the reference (no sample sits on a kink for these draws).
+        eps = 1e-6
+        fd = np.zeros_like(offset)
+        for idx in np.ndindex(offset.shape):
+            up, down = offset.copy(), offset.copy()
+            up[idx] += eps
+            down[idx] -= eps
+            f_up = deform_roi_pool_reference(features, rois, up, mask, **kw)
+            f_down = deform_roi_pool_reference(features, rois, down, mask, **kw)
+            fd[idx] = ((f_up - f_down) * cotangent).sum() / (2 * eps)
+        np.testing.assert_allclose(grad_offset, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_no_offset_is_roi_align_and_zero_offsets_change_nothing(rng):
+    z, meta = load_fixture("deform_roi_pool", "no_offset")  # torchvision.ops.roi_align(aligned=True)
+    kw = dict(output_size=tuple(meta["output_size"]), spatial_scale=meta["spatial_scale"],
+              sampling_ratio=meta["sampling_ratio"])
+    plain = deform_roi_pool(z["features"], z["rois"], **kw)
+    np.testing.assert_allclose(plain, z["out"], rtol=1e-12, atol=1e-12)
+    zeros = np.zeros(z["out"].shape[:3] + (2,))
+    ones = np.ones(z["out"].shape[:3] + (1,))
+    np.testing.assert_array_equal(deform_roi_pool(z["features"], z["rois"], zeros, **kw), plain)
+    np.testing.assert_array_equal(deform_roi_pool(z["features"], z["rois"], None, ones, **kw), plain)
+
+
+def test_offsets_move_bins_by_roi_size(rng):
+    """An offset (dy, dx) equals pooling the RoI translated by gamma * (h * dy, w * dx)."""
+    features = rng.normal(size=(1, 20, 20, 2))
+    rois = np.array([[0, 3.0, 4.0, 11.0, 8.0]])  # 8 wide, 4 tall
+    dy, dx, gamma = 0.5, -0.25, 0.1
+    offset = np.tile([dy, dx], (1, 2, 2, 1))
+    moved = rois + np.array([0, gamma * 8 * dx, gamma * 4 * dy, gamma * 8 * dx, gamma * 4 * dy])
+    kw = dict(output_size=2, sampling_ratio=2, gamma=gamma)
+    np.testing.assert_allclose(
+        deform_roi_pool(features, rois, offset, **kw), deform_roi_pool(features, moved, **kw),
+        rtol=1e-12, atol=1e-12,
+    )
+
+
+def test_adaptive_grid_cap_for_rois_larger_than_the_map(rng):
+    """Within the map the adaptive rule is exact; larger RoIs get ceil(H/oh) x ceil(W/ow)."""
+    features = rng.normal(size=(1, 9, 8, 2))
+    rois = np.array([[0, 0.0, 0.0, 8.0, 9.0], [0, -6.0, -4.0, 14.0, 20.0]])
+    kw = dict(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.1)
+    out = deform_roi_pool(features, rois, **kw)
+    exact = deform_roi_pool_reference(features, rois, **kw)
+    capped = deform_roi_pool_reference(features, rois, max_grid=(5, 4), **kw)
+    np.testing.assert_allclose(out[0], exact[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[1], capped[1], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(capped[1], exact[1])
+
+
+def test_zero_and_negative_size_rois(rng):
+    features = rng.normal(size=(1, 6, 6, 2))
+    rois = np.array([[0, 2.0, 2.0, 2.0, 2.0], [0, 4.0, 4.0, 1.0, 2.0]])
+    for ratio in (0, 2):
+        kw = dict(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=ratio, gamma=0.1)
+        np.testing.assert_allclose(
+            deform_roi_pool(features, rois, **kw), deform_roi_pool_reference(features, rois, **kw),
+            rtol=1e-12, atol=1e-12,
+        )
+
+
+def test_rois_get_no_gradient(rng):
+    features = rng.normal(size=(1, 8, 8, 2))
+    rois = np.array([[0, 1.0, 1.5, 6.0, 5.5]])
+    grad = jax.grad(lambda r: deform_roi_pool(features, r, output_size=2).sum())(rois)
+    np.testing.assert_array_equal(grad, np.zeros_like(rois))
+
+
+def test_invalid_batch_index_gives_nan(rng):
+    features = jnp.asarray(rng.normal(size=(2, 6, 6, 2)))
+    rois = jnp.array([[0, 1.0, 1.0, 4.0, 4.0], [2, 1.0, 1.0, 4.0, 4.0], [-1, 1.0, 1.0, 4.0, 4.0]])
+    out = jax.jit(functools.partial(deform_roi_pool, output_size=2))(features, rois)
+    assert np.isfinite(out[0]).all()
+    assert np.isnan(out[1:]).all()
+
+
+def test_dtypes(rng):
+    features = rng.normal(size=(1, 8, 8, 2))
+    rois = np.array([[0, 1.0, 1.5, 6.0, 5.5]])
+    out32 = deform_roi_pool(features.astype(np.float32), rois.astype(np.float32), output_size=2)
+    assert out32.dtype == jnp.float32
+    assert deform_roi_pool(features, rois, output_size=2).dtype == jnp.float64

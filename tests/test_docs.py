@@ -1,0 +1,40 @@
+"""The docstring examples run and print what they say."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "deformjax._src.ops.deform_conv",
+    "deformjax._src.ops.dilated_conv",
+    "deformjax._src.ops.deform_roi_pool",
+    "deformjax._src.tools.receptive_field",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_public_api():
+    import deformjax
+
+    for name in deformjax.__all__:
+        assert getattr(deformjax, name).__doc__, name
+
+
+def test_readme_python_blocks_run():
+    import pathlib
+    import re
+
+    import jax
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks
+    with jax.numpy_dtype_promotion("standard"):
+        exec(compile("\n".join(blocks), "README.md", "exec"), {})
