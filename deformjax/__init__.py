@@ -4,6 +4,9 @@ Channels-last (NHWC) inputs and HWIO kernels throughout. The ops are pure
 functions, differentiable to any order and jit-able; see the README.
 """
 
+from deformjax._src.modules.aspp import ASPP
+from deformjax._src.modules.conv import DeformConv, DilatedConv
+from deformjax._src.modules.roi_pool import DeformRoIPool
 from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
@@ -12,6 +15,10 @@ from deformjax._src.tools.receptive_field import receptive_field
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASPP",
+    "DeformConv",
+    "DeformRoIPool",
+    "DilatedConv",
     "deform_conv",
     "deform_roi_pool",
     "dilated_conv",

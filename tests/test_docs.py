@@ -10,6 +10,9 @@ MODULES = [
     "deformjax._src.ops.dilated_conv",
     "deformjax._src.ops.deform_roi_pool",
     "deformjax._src.tools.receptive_field",
+    "deformjax._src.modules.conv",
+    "deformjax._src.modules.roi_pool",
+    "deformjax._src.modules.aspp",
 ]
 
 
