@@ -3,6 +3,7 @@
 import doctest
 import importlib
 
+import jax
 import pytest
 
 MODULES = [
@@ -18,7 +19,9 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    # As a user runs them: default float32 and standard promotion.
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
