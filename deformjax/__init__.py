@@ -10,6 +10,7 @@ from deformjax._src.modules.roi_pool import DeformRoIPool
 from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
+from deformjax._src.tools.locations import LayerGeometry, layer_geometry, sampling_locations
 from deformjax._src.tools.receptive_field import receptive_field
 
 __version__ = "0.1.0"
@@ -19,8 +20,11 @@ __all__ = [
     "DeformConv",
     "DeformRoIPool",
     "DilatedConv",
+    "LayerGeometry",
     "deform_conv",
     "deform_roi_pool",
     "dilated_conv",
+    "layer_geometry",
     "receptive_field",
+    "sampling_locations",
 ]
