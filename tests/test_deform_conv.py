@@ -204,3 +204,31 @@ def test_dtypes(rng):
     with jax.numpy_dtype_promotion("standard"):
         mixed = dict(f32, offset=jnp.asarray(inputs["offset"], jnp.float64))
         assert deform_conv(**mixed, padding=1).dtype == jnp.float64
+
+
+def test_chunked_paths_match_one_chunk(rng, monkeypatch):
+    """The row-chunked primal and derivative paths equal the single-chunk ones, to order 2."""
+    import deformjax._src.ops.deform_conv as module
+    from deformjax._src import sampled_matmul
+
+    inputs = make_inputs(rng, n=2, hw=(5, 5), c_in=2, c_out=3, groups=2, mask=True,
+                         offsets="fractional")
+    args = tuple(inputs[k] for k in ("x", "offset", "kernel", "mask", "bias"))
+    fn = functools.partial(deform_conv, padding=1)
+
+    def grads(*args):
+        return jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2, 3, 4))(*args)
+
+    one_out, one_grads = fn(*args), grads(*args)
+    monkeypatch.setitem(sampled_matmul._PRIMAL_CHUNK_BYTES, "cpu", 200)
+    monkeypatch.setitem(sampled_matmul._TANGENT_CHUNK_BYTES, "cpu", 300)
+    module._deform_conv.clear_cache()
+    try:
+        assert sampled_matmul.chunk_rows(50, 9 * 2 * 8, tangent=False) < 50
+        assert sampled_matmul.chunk_rows(50, 9 * 2 * 8, tangent=True) < 50
+        np.testing.assert_allclose(fn(*args), one_out, rtol=1e-12, atol=1e-12)
+        for g, g1 in zip(grads(*args), one_grads):
+            np.testing.assert_allclose(g, g1, rtol=1e-12, atol=1e-12)
+        check_grads(fn, args, order=2, modes=("fwd", "rev"))
+    finally:
+        module._deform_conv.clear_cache()

@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deformjax._src import args
-from deformjax._src.sampling import bilinear_sample, corner_table
+from deformjax._src import args, sampled_matmul, sampling
 
 _FN = "deform_conv"
 
@@ -101,7 +100,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     dtype, acc = args.compute_dtypes(x, offset, kernel, mask, bias)
 
     # Sampling points, laid out (N, H_out, W_out, K, G) so that the samples come
-    # out as the im2col matrix (N, H_out, W_out, K, C_in) without a transpose.
+    # out as rows of the im2col matrix (N * H_out * W_out, K * C_in).
     grid_y = (jnp.arange(ho) * sh - top)[:, None] + jnp.arange(kh) * dh  # (Ho, kh)
     grid_x = (jnp.arange(wo) * sw - left)[:, None] + jnp.arange(kw) * dw  # (Wo, kw)
     grid_y = jnp.broadcast_to(grid_y[:, None, :, None], (ho, wo, kh, kw)).reshape(ho, wo, taps)
@@ -112,20 +111,37 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     scale = None
     if mask is not None:
         scale = mask.astype(acc).reshape(n, ho, wo, groups, taps).transpose(0, 1, 2, 4, 3)
-
-    # Offset group g of image n is image n * G + g of (N * G, H, W, C_in / G).
-    images = x.astype(dtype).reshape(n, h, w, groups, c_in // groups)
-    images = images.transpose(0, 3, 1, 2, 4).reshape(n * groups, h, w, c_in // groups)
-    batch = (jnp.arange(n)[:, None] * groups + jnp.arange(groups)).reshape(n, 1, 1, 1, groups)
-    cols = bilinear_sample(
-        corner_table(images, "zeros"), ys, xs, batch, size=(h, w), mode="zeros", scale=scale
-    )  # (N, Ho, Wo, K, G, C_in / G)
+    index, weights = sampling.locate(
+        ys,
+        xs,
+        jnp.arange(n).reshape(n, 1, 1, 1, 1),
+        size=(h, w),
+        mode="zeros",
+        scale=scale,
+        groups=groups,
+        group=jnp.arange(groups),
+    )  # (N, Ho, Wo, K, G, 4) each
 
     fg = feature_group_count
-    cols = cols.astype(dtype).reshape(n, ho, wo, taps, fg, c_in // fg)
-    weights = kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg)
-    out = jnp.einsum(
-        "nhwkfc,kcfo->nhwfo", cols, weights, precision=precision, preferred_element_type=acc
+    m = n * ho * wo
+    row_bytes = taps * c_in * jnp.dtype(acc).itemsize
+    spec = sampled_matmul.Spec(
+        taps=taps,
+        feature_groups=fg,
+        c_in=c_in,
+        c_out=c_out,
+        dtype=jnp.dtype(dtype),
+        acc_dtype=jnp.dtype(acc),
+        precision=precision,
+        primal_chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=False),
+        tangent_chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=True),
+    )
+    out = sampled_matmul.sampled_matmul(
+        spec,
+        x.astype(dtype).reshape(n * h * w * groups, c_in // groups),
+        index.reshape(m, taps * groups, 4),
+        weights.reshape(m, taps * groups, 4),
+        kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg),
     ).reshape(n, ho, wo, c_out)
     if bias is not None:
         out = out + bias.astype(acc)

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deformjax._src import args
-from deformjax._src.sampling import bilinear_sample, corner_table
+from deformjax._src import args, sampling
 
 _FN = "deform_roi_pool"
 
@@ -146,14 +145,9 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     batch_ok = (batch >= 0) & (batch < n)
     batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None, None, None]
 
-    samples = bilinear_sample(
-        corner_table(features.astype(dtype), "clamp"),
-        ys,
-        xs,
-        batch,
-        size=(h, w),
-        mode="clamp",
-        scale=weight,
+    index, weights = sampling.locate(ys, xs, batch, size=(h, w), mode="clamp", scale=weight)
+    samples = sampling.gather(
+        features.astype(dtype).reshape(n * h * w, channels), index, weights
     )  # (R, oh, ow, grid_h, grid_w, C)
     out = samples.sum(axis=(3, 4))
     if mask is not None:

@@ -1,0 +1,221 @@
+"""Speed and memory of deformjax against lax.conv_general_dilated and torchvision.
+
+    python benchmarks/bench.py                 # all shapes, prints a table, writes JSON
+    python benchmarks/bench.py --shapes A      # shape A only
+    python benchmarks/bench.py --quick         # fewer repeats
+
+Shapes (NHWC, 3x3 kernel, padding 1, offsets ~ N(0, 2^2), float32):
+  small  N=2, 16x16, C_in=C_out=32
+  A      N=4, 32x32, C_in=C_out=128   (the shape the targets refer to)
+  large  N=8, 64x64, C_in=C_out=256
+
+For every shape: deformjax forward and forward+backward (gradients for x,
+offset and kernel), the same for lax.conv_general_dilated, the temporary
+memory of the compiled forward+backward (XLA's memory_analysis) against the
+im2col buffer N*H*W*K*C*4 bytes, and, when torch and torchvision are
+importable, torchvision.ops.deform_conv2d forward and forward+backward.
+Then deform_roi_pool forward+backward (2 feature maps of 64x64x256, 256 RoIs,
+7x7 bins, sampling_ratio 2, with offsets) against torchvision.ops.roi_align
+(aligned=True, no offsets) forward+backward.
+
+Timings are interleaved (A, B, C, A, B, C, ...) after a warm-up; each figure
+is the median over the repeats, and ratios are taken within one run. JAX and
+torch both use every core (torch.set_num_threads(os.cpu_count())).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from deformjax import deform_conv, deform_roi_pool
+
+# torch's OpenMP threads spin after each op by default, stealing the cores from
+# the JAX call timed next; passive waiting keeps the interleaved runs fair.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:  # torch is optional: a peer to compare with, never a dependency
+    import torch
+    import torchvision
+
+    torch.set_num_threads(os.cpu_count() or 1)
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+SHAPES = {
+    "small": (2, 16, 16, 32, 32),
+    "A": (4, 32, 32, 128, 128),
+    "large": (8, 64, 64, 256, 256),
+}
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument callable, timed in turn, after a warm-up."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def conv_case(shape, repeats, with_torch):
+    n, h, w, c_in, c_out = shape
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, h, w, c_in)).astype(np.float32)
+    offset = rng.normal(scale=2.0, size=(n, h, w, 18)).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
+    xj, oj, kj = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(kernel)
+
+    def deform(x, offset, kernel):
+        return deform_conv(x, offset, kernel, padding=1)
+
+    def plain(x, kernel):
+        return lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    deform_fwd = jax.jit(deform)
+    deform_bwd = jax.jit(jax.grad(lambda *a: deform(*a).sum(), argnums=(0, 1, 2)))
+    plain_fwd = jax.jit(plain)
+    plain_bwd = jax.jit(jax.grad(lambda *a: plain(*a).sum(), argnums=(0, 1)))
+    fns = {
+        "deformjax_fwd": lambda: jax.block_until_ready(deform_fwd(xj, oj, kj)),
+        "deformjax_fwd_bwd": lambda: jax.block_until_ready(deform_bwd(xj, oj, kj)),
+        "lax_conv_fwd": lambda: jax.block_until_ready(plain_fwd(xj, kj)),
+        "lax_conv_fwd_bwd": lambda: jax.block_until_ready(plain_bwd(xj, kj)),
+    }
+    if with_torch:
+        tx = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        to = torch.tensor(offset.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        tw = torch.tensor(kernel.transpose(3, 2, 0, 1).copy(), requires_grad=True)
+
+        def torch_fwd():
+            with torch.no_grad():
+                torchvision.ops.deform_conv2d(tx, to, tw, padding=1)
+
+        def torch_fwd_bwd():
+            out = torchvision.ops.deform_conv2d(tx, to, tw, padding=1)
+            torch.autograd.grad(out.sum(), (tx, to, tw))
+
+        fns["torchvision_fwd"] = torch_fwd
+        fns["torchvision_fwd_bwd"] = torch_fwd_bwd
+    result = interleaved(fns, repeats)
+    memory = deform_bwd.lower(xj, oj, kj).compile().memory_analysis()
+    result["temp_bytes_fwd_bwd"] = int(memory.temp_size_in_bytes)
+    result["im2col_bytes"] = n * h * w * 9 * c_in * 4
+    return result
+
+
+def roi_case(repeats, with_torch):
+    rng = np.random.default_rng(0)
+    n, h, w, c, num, out = 2, 64, 64, 256, 256, 7
+    features = rng.normal(size=(n, h, w, c)).astype(np.float32)
+    xy = rng.uniform(0, 48, size=(num, 2))
+    wh = rng.uniform(4, 16, size=(num, 2))
+    rois = np.concatenate(
+        [rng.integers(0, n, size=(num, 1)), xy, xy + wh], axis=1
+    ).astype(np.float32)
+    offset = rng.normal(scale=0.1, size=(num, out, out, 2)).astype(np.float32)
+    fj, rj, oj = jnp.asarray(features), jnp.asarray(rois), jnp.asarray(offset)
+
+    def pool(features, offset):
+        return deform_roi_pool(features, rj, offset, output_size=out, sampling_ratio=2)
+
+    pool_bwd = jax.jit(jax.grad(lambda f, o: pool(f, o).sum(), argnums=(0, 1)))
+    fns = {"deformjax_roi_fwd_bwd": lambda: jax.block_until_ready(pool_bwd(fj, oj))}
+    if with_torch:
+        tf = torch.tensor(features.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        tr = torch.tensor(rois)
+
+        def torch_fwd_bwd():
+            pooled = torchvision.ops.roi_align(
+                tf, tr, output_size=out, sampling_ratio=2, aligned=True
+            )
+            torch.autograd.grad(pooled.sum(), (tf,))
+
+        fns["torchvision_roi_align_fwd_bwd"] = torch_fwd_bwd
+    return interleaved(fns, repeats)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-torch", action="store_true", help="skip torchvision even if present")
+    parser.add_argument("--no-roi", action="store_true", help="skip the RoI pooling case")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/latest.json"))
+    opts = parser.parse_args(argv)
+    repeats = opts.repeats or (5 if opts.quick else 15)
+    with_torch = torch is not None and not opts.no_torch
+
+    device = jax.devices()[0]
+    report = {
+        "machine": {
+            "jax": jax.__version__,
+            "device": f"{device.platform} {device.device_kind}",
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__ if with_torch else None,
+            "torchvision": torchvision.__version__ if with_torch else None,
+        },
+        "repeats": repeats,
+        "conv": {},
+    }
+    print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores; "
+          f"torchvision: {report['machine']['torchvision'] or 'not installed'}; "
+          f"medians of {repeats} interleaved runs, milliseconds\n")
+    header = (f"{'shape':<7}{'dj fwd':>9}{'conv fwd':>10}{'ratio':>7}{'dj f+b':>9}{'conv f+b':>10}"
+              f"{'ratio':>7}{'temp/im2col':>13}{'tv fwd':>9}{'speedup':>9}{'tv f+b':>9}{'speedup':>9}")
+    print(header)
+    for name in opts.shapes:
+        r = conv_case(SHAPES[name], repeats, with_torch)
+        r["fwd_ratio_vs_lax_conv"] = r["deformjax_fwd"] / r["lax_conv_fwd"]
+        r["fwd_bwd_ratio_vs_lax_conv"] = r["deformjax_fwd_bwd"] / r["lax_conv_fwd_bwd"]
+        r["temp_over_im2col"] = r["temp_bytes_fwd_bwd"] / r["im2col_bytes"]
+        line = (f"{name:<7}{r['deformjax_fwd'] * 1e3:>9.1f}{r['lax_conv_fwd'] * 1e3:>10.1f}"
+                f"{r['fwd_ratio_vs_lax_conv']:>7.2f}{r['deformjax_fwd_bwd'] * 1e3:>9.1f}"
+                f"{r['lax_conv_fwd_bwd'] * 1e3:>10.1f}{r['fwd_bwd_ratio_vs_lax_conv']:>7.2f}"
+                f"{r['temp_over_im2col']:>13.2f}")
+        if with_torch:
+            r["speedup_vs_torchvision_fwd"] = r["torchvision_fwd"] / r["deformjax_fwd"]
+            r["speedup_vs_torchvision_fwd_bwd"] = r["torchvision_fwd_bwd"] / r["deformjax_fwd_bwd"]
+            line += (f"{r['torchvision_fwd'] * 1e3:>9.1f}{r['speedup_vs_torchvision_fwd']:>9.1f}"
+                     f"{r['torchvision_fwd_bwd'] * 1e3:>9.1f}"
+                     f"{r['speedup_vs_torchvision_fwd_bwd']:>9.1f}")
+        print(line, flush=True)
+        report["conv"][name] = {"shape_n_h_w_cin_cout": SHAPES[name], **r}
+    if not opts.no_roi:
+        r = roi_case(repeats, with_torch)
+        line = (f"\ndeform_roi_pool fwd+bwd (2x64x64x256, 256 RoIs, 7x7, ratio 2, offsets): "
+                f"{r['deformjax_roi_fwd_bwd'] * 1e3:.1f} ms")
+        if with_torch:
+            r["ratio_vs_torchvision_roi_align"] = (
+                r["deformjax_roi_fwd_bwd"] / r["torchvision_roi_align_fwd_bwd"]
+            )
+            line += (f"; torchvision roi_align fwd+bwd (no offsets): "
+                     f"{r['torchvision_roi_align_fwd_bwd'] * 1e3:.1f} ms; ratio "
+                     f"{r['ratio_vs_torchvision_roi_align']:.2f}")
+        print(line)
+        report["roi_pool"] = r
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
