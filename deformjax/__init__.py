@@ -11,7 +11,7 @@ from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
 from deformjax._src.tools.locations import LayerGeometry, layer_geometry, sampling_locations
-from deformjax._src.tools.receptive_field import receptive_field
+from deformjax._src.tools.receptive_field import effective_receptive_field, receptive_field
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "deform_conv",
     "deform_roi_pool",
     "dilated_conv",
+    "effective_receptive_field",
     "layer_geometry",
     "receptive_field",
     "sampling_locations",

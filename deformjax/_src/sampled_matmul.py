@@ -49,9 +49,9 @@ class Spec(NamedTuple):
 
 # Bytes of columns per chunk on the CPU, measured on a 2-core machine
 # (benchmarks/bench.py): unrolled primal chunks of about 2.5 MB,
-# derivative chunks of about 0.6 MB; at most _MAX_UNROLLED primal chunks.
+# derivative chunks of about 1.2 MB; at most _MAX_UNROLLED primal chunks.
 _PRIMAL_CHUNK_BYTES = {"cpu": 5 * 2**19}
-_TANGENT_CHUNK_BYTES = {"cpu": 5 * 2**17}
+_TANGENT_CHUNK_BYTES = {"cpu": 5 * 2**18}
 _MAX_UNROLLED = 32
 
 
@@ -72,7 +72,7 @@ def _rows(spec: Spec, image, index, weights, kmat) -> jax.Array:
     """Output rows ``(M, C_out)`` in acc_dtype from samples ``(M, K * G)``."""
     rows = index.shape[0]
     cols = _gather(image, index, weights)
-    return _times_kernel(spec, cols.reshape(rows, -1), kmat)
+    return _times_kernel(spec, cols.reshape(rows, spec.taps * spec.c_in), kmat)
 
 
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
@@ -159,16 +159,19 @@ def _sampled_matmul_jvp(spec, primals, tangents):
         rows = index.shape[0]
         t_cols = None
         if has_image:
-            t_cols = _gather(d_image, index, weights)
+            # No guard here: its transpose, the scatter into the image's
+            # cotangent, must stay visible to XLA, which then accumulates it in
+            # place across chunks instead of adding a full-size array per chunk.
+            t_cols = sampling.gather(d_image, index, weights)
         if has_weights:
             t = _gather(image, index, d_weights)
             t_cols = t if t_cols is None else t_cols + t
         t_out = None
         if t_cols is not None:
-            t_out = _times_kernel(spec, t_cols.reshape(rows, -1), kmat)
+            t_out = _times_kernel(spec, t_cols.reshape(rows, spec.taps * spec.c_in), kmat)
         if has_kmat:
             cols = _gather(image, index, weights)
-            t = _times_kernel(spec, cols.reshape(rows, -1), d_kmat)
+            t = _times_kernel(spec, cols.reshape(rows, spec.taps * spec.c_in), d_kmat)
             t_out = t if t_out is None else t_out + t
         return t_out
 
@@ -184,7 +187,7 @@ def _sampled_matmul_jvp(spec, primals, tangents):
         for a in (index, weights, d_weights)
     ]
     t_out = lax.map(lambda a: fn(*a), chunked)
-    return out, t_out.reshape(count * chunk, -1)[:rows]
+    return out, t_out.reshape(count * chunk, spec.c_out)[:rows]
 
 
 sampled_matmul.defjvp(_sampled_matmul_jvp, symbolic_zeros=True)

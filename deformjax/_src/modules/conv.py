@@ -6,6 +6,7 @@ Thin wrappers: each creates its parameters (named and initialised like
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ def _flatten_batch(fn: str, inputs: jax.Array) -> tuple[jax.Array, tuple[int, ..
             fn, f"inputs must have shape (*batch, H, W, C) with rank >= 3; got {inputs.shape}"
         )
     batch = inputs.shape[:-3]
-    return inputs.reshape((-1,) + inputs.shape[-3:]), batch
+    return inputs.reshape((math.prod(batch),) + inputs.shape[-3:]), batch
 
 
 def _check_zero_padding(fn: str, padding: PaddingLike) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from deformjax._src import args
 
@@ -44,3 +47,61 @@ def receptive_field(layers: Iterable[tuple[int, int, int]]) -> list[int]:
         jump *= stride
         sizes.append(field)
     return sizes
+
+
+def effective_receptive_field(
+    fn: Callable[[jax.Array], jax.Array],
+    inputs: jax.Array,
+    position: Sequence[int] | None = None,
+) -> jax.Array:
+    """The effective receptive field of one output unit (Luo et al. 2016).
+
+    The gradient of the unit's summed output channels with respect to the
+    input, by ``jax.grad``: how strongly each input pixel moves the unit. Unlike
+    :func:`receptive_field`'s theoretical size it shows which pixels actually
+    count: the gridding holes of dilated stacks, the Gaussian fall-off of plain
+    stacks, and the shapes deformable layers give it.
+
+    Args:
+      fn: maps ``inputs`` ``(N, H, W, C)`` to features ``(N, H', W', C')``
+        (e.g. ``lambda x: model.apply(variables, x)``).
+      inputs: ``(N, H, W, C)``; the field is averaged over the batch.
+      position: ``(row, col)`` of the unit on the output grid; the centre when
+        ``None``.
+
+    Returns:
+      ``(H, W)``: absolute gradient summed over input channels, averaged over
+      the batch, normalised to a maximum of 1 (all zeros if nothing depends on
+      the input).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import dilated_conv, effective_receptive_field
+      >>> kernel = jnp.ones((3, 3, 1, 1))
+      >>> erf = effective_receptive_field(
+      ...     lambda x: dilated_conv(x, kernel, dilation=2), jnp.ones((1, 9, 9, 1)))
+      >>> [int(i) for i in jnp.nonzero(erf[4])[0]]
+      [2, 4, 6]
+    """
+    inputs = jnp.asarray(inputs)
+    if inputs.ndim != 4:
+        raise args.fail(
+            "effective_receptive_field",
+            f"inputs must have rank 4 (N, H, W, C); got shape {inputs.shape}",
+        )
+    out_shape = jax.eval_shape(fn, inputs).shape
+    if position is None:
+        position = (out_shape[1] // 2, out_shape[2] // 2)
+    row, col = (int(p) for p in position)
+    if not (0 <= row < out_shape[1] and 0 <= col < out_shape[2]):
+        raise args.fail(
+            "effective_receptive_field",
+            f"position must lie on the output grid {out_shape[1]}x{out_shape[2]}; got {position}",
+        )
+
+    def unit(x):
+        return jnp.sum(fn(x)[:, row, col, :])
+
+    grad = jnp.abs(jax.grad(unit)(inputs)).sum(axis=-1).mean(axis=0)
+    top = grad.max()
+    return jnp.where(top > 0, grad / jnp.where(top > 0, top, 1), 0)
