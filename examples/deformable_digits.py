@@ -170,7 +170,7 @@ def draw_sampling(model, params, images, out_dir):
                                 ax=fig.add_subplot(len(images), 2, 2 * row + 2))
     fig.tight_layout()
     path = out_dir / "sampling_locations.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 

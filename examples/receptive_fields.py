@@ -94,7 +94,7 @@ def main(argv=None):
     print("receptive field of 3x3 layers with dilations 1, 2, 4:", sizes)
     fig = plot_receptive_field_growth(layers)
     path = opts.out / "dilated_receptive_fields.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
 
     size = 33 if opts.quick else 49
@@ -124,7 +124,7 @@ def main(argv=None):
                                        title=name)
     fig.tight_layout()
     path = opts.out / "effective_receptive_fields.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"\nwrote {path}")
 
 

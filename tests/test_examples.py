@@ -1,0 +1,52 @@
+"""The examples run end to end in their quick form (subprocesses, float32 as users run them)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def run_example(name, *args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_quickstart():
+    out = run_example("quickstart.py")
+    assert "deform_conv      (2, 32, 32, 16) -> (2, 32, 32, 32)" in out
+    assert "[3, 7, 15]" in out and "nonzero: True" in out
+
+
+def test_deformable_digits_quick(tmp_path):
+    out = run_example("deformable_digits.py", "--quick", "--out", str(tmp_path))
+    rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)))
+            for m in re.finditer(r"^(plain|deformable)\s+([\d,]+)\s+([\d.]+)", out, re.M)}
+    assert set(rows) == {"plain", "deformable"}, out
+    assert all(0.0 <= acc <= 1.0 for _, acc in rows.values())
+    assert abs(rows["plain"][0] - rows["deformable"][0]) < 0.05 * rows["plain"][0]
+    assert (tmp_path / "sampling_locations.png").stat().st_size > 10_000
+
+
+def test_receptive_fields_quick(tmp_path):
+    out = run_example("receptive_fields.py", "--quick", "--out", str(tmp_path))
+    assert "[3, 7, 15]" in out
+    assert re.search(r"dilated 2-2-2 \(gridding\)\s+13\s+49\s", out), out
+    for name in ("dilated_receptive_fields.png", "effective_receptive_fields.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_roi_pooling_quick(tmp_path):
+    out = run_example("roi_pooling.py", "--quick", "--out", str(tmp_path))
+    assert re.search(r"^RoIAlign\s+[\d.]+$", out, re.M) and re.search(
+        r"^deformable\s+[\d.]+$", out, re.M), out
+    moved = float(re.search(r"mean \|gamma \* offset\| = ([\d.]+)", out).group(1))
+    assert moved > 0  # the zero-initialised offset branch learned to move the bins
+    assert (tmp_path / "deformed_rois.png").stat().st_size > 10_000
