@@ -44,7 +44,7 @@ def main(argv=None):
     from jax.sharding import PartitionSpec as P
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from deformable_digits import DEFORM_WIDTHS, DigitNet, make_data
+    from deformable_digits import DEFORM_WIDTHS, DigitNet, make_data, train_step
 
     devices = jax.devices()
     if opts.batch_size % len(devices):
@@ -61,15 +61,8 @@ def main(argv=None):
     params = jax.device_put(params, replicated)
     opt_state = jax.device_put(tx.init(params), replicated)
 
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(params):
-            logits = model.apply({"params": params}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    # Inputs sharded over the mesh make jit partition the step and all-reduce the gradients.
+    step = jax.jit(train_step(model, tx))
 
     rng = np.random.default_rng(opts.seed)
     for i in range(opts.steps):

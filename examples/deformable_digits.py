@@ -94,14 +94,9 @@ def count_params(params):
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
-def train(model, data, *, epochs, batch_size, seed, name):
-    x_train, y_train, x_test, y_test = data
-    params = model.init(jax.random.key(seed), x_train[:1])["params"]
-    steps = epochs * (len(x_train) // batch_size)
-    tx = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
-    opt_state = tx.init(params)
+def train_step(model, tx):
+    """One optax step on a batch: (params, opt_state, x, y) -> (params, opt_state, loss)."""
 
-    @jax.jit
     def step(params, opt_state, x, y):
         def loss_fn(params):
             logits = model.apply({"params": params}, x)
@@ -110,6 +105,18 @@ def train(model, data, *, epochs, batch_size, seed, name):
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def train(model, data, *, epochs, batch_size, seed, name):
+    x_train, y_train, x_test, y_test = data
+    params = model.init(jax.random.key(seed), x_train[:1])["params"]
+    steps = epochs * (len(x_train) // batch_size)
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
+    opt_state = tx.init(params)
+
+    step = jax.jit(train_step(model, tx))
 
     @jax.jit
     def predict(params, x):

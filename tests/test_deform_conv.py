@@ -229,6 +229,7 @@ def test_chunked_paths_match_one_chunk(rng, monkeypatch):
         np.testing.assert_allclose(fn(*args), one_out, rtol=1e-12, atol=1e-12)
         for g, g1 in zip(grads(*args), one_grads):
             np.testing.assert_allclose(g, g1, rtol=1e-12, atol=1e-12)
-        check_grads(fn, args, order=2, modes=("fwd", "rev"))
+        check_grads(fn, args, order=1, modes=("fwd",))
+        check_grads(fn, args, order=2, modes=("rev",))
     finally:
         module._deform_conv.clear_cache()

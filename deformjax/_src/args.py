@@ -139,6 +139,27 @@ def conv_output_hw(
     return out  # type: ignore[return-value]
 
 
+def check_conv(fn: str, x, kernel, bias, strides, padding, dilation, feature_group_count):
+    """Validates the arguments every convolution shares; returns them normalised.
+
+    Returns ``(strides, dilation, feature_group_count, pads, (H_out, W_out))``.
+    """
+    check_rank(fn, "x", x, 4, "(N, H, W, C_in)")
+    check_rank(fn, "kernel", kernel, 4, "(kh, kw, C_in // feature_group_count, C_out)")
+    strides = as_pair(strides, "strides", fn)
+    dilation = as_pair(dilation, "dilation", fn)
+    groups = check_positive_int(fn, "feature_group_count", feature_group_count)
+    _, h, w, c_in = x.shape
+    kh, kw, _, c_out = kernel.shape
+    check_conv_kernel(fn, kernel.shape, c_in, groups)
+    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+    pads = as_padding(padding, fn, in_hw=(h, w), window_hw=window, strides=strides)
+    out_hw = conv_output_hw(fn, (h, w), pads, (kh, kw), dilation, strides)
+    if bias is not None and bias.shape != (c_out,):
+        raise fail(fn, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
+    return strides, dilation, groups, pads, out_hw
+
+
 def check_rank(fn: str, name: str, array: Any, rank: int, layout: str) -> None:
     if np.ndim(array) != rank:
         raise fail(

@@ -45,6 +45,27 @@ def _check_zero_padding(fn: str, padding: PaddingLike) -> None:
         )
 
 
+def _check_divides(fn: str, name: str, value: int, channels: int) -> None:
+    if channels % value:
+        raise args.fail(
+            fn, f"{name} must divide the input channels; got {value} for {channels} channels"
+        )
+
+
+def _kernel_and_bias(module: nn.Module, kernel_size: tuple[int, int], c_in: int, groups: int):
+    """The ``kernel`` (HWIO) and ``bias`` parameters, named and shaped as in ``nn.Conv``."""
+    kernel = module.param(
+        "kernel",
+        module.kernel_init,
+        kernel_size + (c_in // groups, module.features),
+        module.param_dtype,
+    )
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    return kernel, bias
+
+
 class DeformConv(nn.Module):
     """Deformable convolution with its own offset branch (DCN v1, or v2 when modulated).
 
@@ -116,11 +137,8 @@ class DeformConv(nn.Module):
         _check_zero_padding(fn, self.padding)
         inputs, batch = _flatten_batch(fn, inputs)
         c_in = inputs.shape[-1]
-        for name, value in (("offset_groups", groups), ("feature_group_count", fg)):
-            if c_in % value:
-                raise args.fail(
-                    fn, f"{name} must divide the input channels; got {value} for {c_in} channels"
-                )
+        _check_divides(fn, "offset_groups", groups, c_in)
+        _check_divides(fn, "feature_group_count", fg, c_in)
         window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
         # One padding for both branches, so the offsets line up with the output.
         pads = args.as_padding(
@@ -146,14 +164,7 @@ class DeformConv(nn.Module):
         if mask is not None:
             self.sow("intermediates", "masks", mask)
 
-        kernel = self.param(
-            "kernel", self.kernel_init, kernel_size + (c_in // fg, self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, bias = _kernel_and_bias(self, kernel_size, c_in, fg)
         inputs, offset, mask, kernel, bias = promote_dtype(
             inputs, offset, mask, kernel, bias, dtype=self.dtype
         )
@@ -222,19 +233,8 @@ class DilatedConv(nn.Module):
         _check_zero_padding(fn, self.padding)
         inputs, batch = _flatten_batch(fn, inputs)
         c_in = inputs.shape[-1]
-        if c_in % fg:
-            raise args.fail(
-                fn,
-                f"feature_group_count must divide the input channels; got {fg} for {c_in} channels",
-            )
-        kernel = self.param(
-            "kernel", self.kernel_init, kernel_size + (c_in // fg, self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        _check_divides(fn, "feature_group_count", fg, c_in)
+        kernel, bias = _kernel_and_bias(self, kernel_size, c_in, fg)
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         out = dilated_conv(
             inputs,

@@ -150,18 +150,12 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
 
 def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_group_count):
     args.check_floating(_FN, x=x, offset=offset, kernel=kernel, mask=mask, bias=bias)
-    args.check_rank(_FN, "x", x, 4, "(N, H, W, C_in)")
     args.check_rank(_FN, "offset", offset, 4, "(N, H_out, W_out, 2 * offset_groups * kh * kw)")
-    args.check_rank(_FN, "kernel", kernel, 4, "(kh, kw, C_in // feature_group_count, C_out)")
-    strides = args.as_pair(strides, "strides", _FN)
-    dilation = args.as_pair(dilation, "dilation", _FN)
-    fg = args.check_positive_int(_FN, "feature_group_count", feature_group_count)
-    n, h, w, c_in = x.shape
-    kh, kw, _, c_out = kernel.shape
-    args.check_conv_kernel(_FN, kernel.shape, c_in, fg)
-    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    pads = args.as_padding(padding, _FN, in_hw=(h, w), window_hw=window, strides=strides)
-    out_h, out_w = args.conv_output_hw(_FN, (h, w), pads, (kh, kw), dilation, strides)
+    strides, dilation, fg, pads, (out_h, out_w) = args.check_conv(
+        _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
+    )
+    n, _, _, c_in = x.shape
+    kh, kw = kernel.shape[:2]
     taps = kh * kw
     if offset.shape[:3] != (n, out_h, out_w):
         raise args.fail(
@@ -191,6 +185,4 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
                 f"mask.shape must be (N, H_out, W_out, offset_groups * kh * kw) = {expected}; "
                 f"got {mask.shape}",
             )
-    if bias is not None and bias.shape != (c_out,):
-        raise args.fail(_FN, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
     return dict(strides=strides, dilation=dilation, pads=pads, feature_group_count=fg)

@@ -57,19 +57,9 @@ def dilated_conv(
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     bias = None if bias is None else jnp.asarray(bias)
     args.check_floating(_FN, x=x, kernel=kernel, bias=bias)
-    args.check_rank(_FN, "x", x, 4, "(N, H, W, C_in)")
-    args.check_rank(_FN, "kernel", kernel, 4, "(kh, kw, C_in // feature_group_count, C_out)")
-    dilation = args.as_pair(dilation, "dilation", _FN)
-    strides = args.as_pair(strides, "strides", _FN)
-    fg = args.check_positive_int(_FN, "feature_group_count", feature_group_count)
-    _, h, w, c_in = x.shape
-    kh, kw, _, c_out = kernel.shape
-    args.check_conv_kernel(_FN, kernel.shape, c_in, fg)
-    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    pads = args.as_padding(padding, _FN, in_hw=(h, w), window_hw=window, strides=strides)
-    args.conv_output_hw(_FN, (h, w), pads, (kh, kw), dilation, strides)
-    if bias is not None and bias.shape != (c_out,):
-        raise args.fail(_FN, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
+    strides, dilation, fg, pads, _ = args.check_conv(
+        _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
+    )
 
     dtype, acc = args.compute_dtypes(x, kernel, bias)
     out = lax.conv_general_dilated(
