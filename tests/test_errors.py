@@ -88,6 +88,8 @@ CASES = [
      "deform_conv: bias.shape must be (C_out,) = (6,); got (5,)"),
     (dc(bias=np.zeros((6,), np.int64)), TypeError,
      "deform_conv: bias must have a floating dtype; got int64"),
+    (dc(x=np.zeros((2, 0, 8, 4)), offset=np.zeros((2, 2, 8, 18)), padding=2), ValueError,
+     "deform_conv: x must have H, W >= 1 to sample from; got shape (2, 0, 8, 4)"),
     # dilated_conv
     (dil(x=np.zeros((8, 8, 4))), ValueError,
      "dilated_conv: x must have rank 4 (N, H, W, C_in); got shape (8, 8, 4)"),
@@ -136,6 +138,8 @@ CASES = [
      "deform_roi_pool: mask.shape must be (R, oh, ow, 1) = (1, 2, 2, 1); got (1, 2, 2)"),
     (pool(features=np.zeros((2, 16, 16, 3), np.int32)), TypeError,
      "deform_roi_pool: features must have a floating dtype; got int32"),
+    (pool(features=np.zeros((1, 16, 0, 3))), ValueError,
+     "deform_roi_pool: features must have H, W >= 1 to sample from; got shape (1, 16, 0, 3)"),
     # receptive_field
     (lambda: receptive_field([(3, 1, 1), (3, 0, 1)]), ValueError,
      "receptive_field: layers[1] must be (kernel_size, dilation, stride) of positive ints; "

@@ -80,6 +80,10 @@ def test_empty_batch_and_no_rois(rng):
     gf, go = jax.grad(lambda f, o: pool(f, rois, o).sum(), argnums=(0, 1))(features, offset)
     np.testing.assert_array_equal(gf, 0)
     assert go.shape == (0, 3, 3, 2)
+    # RoIs but no image: every batch index is out of range, nothing is read.
+    no_images = np.zeros((0, 8, 8, 3), np.float32)
+    out = pool(no_images, np.array([[0, 1.0, 1.0, 4.0, 4.0]], np.float32))
+    assert out.shape == (1, 3, 3, 3) and np.isnan(out).all()
 
 
 def test_nan_offset_poisons_only_its_own_output(rng):

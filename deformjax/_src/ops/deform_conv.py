@@ -154,7 +154,9 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
     strides, dilation, fg, pads, (out_h, out_w) = args.check_conv(
         _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
     )
-    n, _, _, c_in = x.shape
+    n, h, w, c_in = x.shape
+    if min(h, w) < 1:
+        raise args.fail(_FN, f"x must have H, W >= 1 to sample from; got shape {x.shape}")
     kh, kw = kernel.shape[:2]
     taps = kh * kw
     if offset.shape[:3] != (n, out_h, out_w):

@@ -145,6 +145,8 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     batch_ok = (batch >= 0) & (batch < n)
     batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None, None, None]
 
+    if n == 0:  # no image to sample from: every batch index is out of range
+        return jnp.full((num_rois, oh, ow, channels), jnp.nan, dtype)
     index, weights = sampling.locate(ys, xs, batch, size=(h, w), mode="clamp", scale=weight)
     samples = sampling.gather(
         features.astype(dtype).reshape(n * h * w, channels), index, weights
@@ -159,6 +161,10 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
 def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
     args.check_floating(_FN, features=features, rois=rois, offset=offset, mask=mask)
     args.check_rank(_FN, "features", features, 4, "(N, H, W, C)")
+    if min(features.shape[1:3]) < 1:
+        raise args.fail(
+            _FN, f"features must have H, W >= 1 to sample from; got shape {features.shape}"
+        )
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise args.fail(
             _FN, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
