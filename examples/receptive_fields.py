@@ -116,7 +116,9 @@ def main(argv=None):
         params = stack.init(jax.random.key(opts.seed), images[:1])["params"]
         if stack.kind == "deformable":
             params = randomize_offsets(params, 0.05, jax.random.key(opts.seed + 1))
-        erf = effective_receptive_field(lambda x: stack.apply({"params": params}, x), images)
+        erf = effective_receptive_field(
+            lambda x, stack=stack, params=params: stack.apply({"params": params}, x), images
+        )
         theory = receptive_field([(3, d, 1) for d in stack.dilations])[-1]
         print(f"{name:<26}{theory:>12}{int((np.asarray(erf) > 0).sum()):>12}"
               f"{spread(erf):>13.2f}")

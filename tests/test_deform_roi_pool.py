@@ -149,3 +149,12 @@ def test_dtypes(rng):
     out32 = deform_roi_pool(features.astype(np.float32), rois.astype(np.float32), output_size=2)
     assert out32.dtype == jnp.float32
     assert deform_roi_pool(features, rois, output_size=2).dtype == jnp.float64
+
+
+def test_batch_index_is_truncated(rng):
+    features = rng.normal(size=(2, 6, 6, 2))
+    rois = np.array([[0.0, 1, 1, 4, 4], [1.0, 1, 1, 4, 4], [0.7, 1, 1, 4, 4], [1.9, 1, 1, 4, 4]])
+    out = np.asarray(deform_roi_pool(features, rois, output_size=2))
+    np.testing.assert_array_equal(out[2], out[0])
+    np.testing.assert_array_equal(out[3], out[1])
+    assert not np.allclose(out[0], out[1])

@@ -80,8 +80,10 @@ def as_padding(
                 "padding must be 'SAME', 'SAME_LOWER', 'VALID', an int or pairs; "
                 f"got {padding!r}",
             )
-        (t, b), (l, r) = lax.padtype_to_pads(in_hw, window_hw, strides, padding.upper())
-        return ((int(t), int(b)), (int(l), int(r)))
+        (top, bottom), (left, right) = lax.padtype_to_pads(
+            in_hw, window_hw, strides, padding.upper()
+        )
+        return ((int(top), int(bottom)), (int(left), int(right)))
     if is_int(padding):
         p = int(padding)
         return ((p, p), (p, p))
@@ -93,8 +95,8 @@ def as_padding(
             isinstance(p, Sequence) and len(p) == 2 and all(is_int(q) for q in p)
             for p in padding
         ):
-            (t, b), (l, r) = padding
-            return ((int(t), int(b)), (int(l), int(r)))
+            (top, bottom), (left, right) = padding
+            return ((int(top), int(bottom)), (int(left), int(right)))
     raise fail(
         fn,
         "padding must be an int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or "
