@@ -175,9 +175,8 @@ def check_floating(fn: str, **arrays: Any) -> None:
     for name, array in arrays.items():
         if array is None:
             continue
-        dtype = jnp.asarray(array).dtype if not hasattr(array, "dtype") else array.dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"{fn}: {name} must have a floating dtype; got {dtype}")
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"{fn}: {name} must have a floating dtype; got {array.dtype}")
 
 
 def check_positive_int(fn: str, name: str, value: Any) -> int:
