@@ -14,7 +14,9 @@ offset and kernel), the same for lax.conv_general_dilated, the temporary
 memory of the compiled forward+backward (XLA's memory_analysis) against the
 im2col buffer N*H*W*K*C*4 bytes, and, when torch and torchvision are
 importable, torchvision.ops.deform_conv2d forward and forward+backward.
-Then deform_roi_pool forward+backward (2 feature maps of 64x64x256, 256 RoIs,
+Then jax.vmap over 4 single images of shape A (modulated, loss sum(y**2))
+against one batched call of the same work, forward and gradient. Then
+deform_roi_pool forward+backward (2 feature maps of 64x64x256, 256 RoIs,
 7x7 bins, sampling_ratio 2, with offsets) against torchvision.ops.roi_align
 (aligned=True, no offsets) forward+backward.
 
@@ -132,6 +134,42 @@ def conv_case(shape, repeats, with_torch):
     return result
 
 
+def vmap_case(repeats):
+    """jax.vmap over N single images against one batched call of the same work (shape A)."""
+    n, h, w, c_in, c_out = SHAPES["A"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, 1, h, w, c_in)), jnp.float32)
+    offset = jnp.asarray(rng.normal(scale=2.0, size=(n, 1, h, w, 18)), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(n, 1, h, w, 9)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)) / np.sqrt(9 * c_in), jnp.float32)
+
+    def layer(x, offset, mask, kernel):
+        return deform_conv(x, offset, kernel, mask, padding=1)
+
+    def loss(x, offset, mask, kernel):  # uses the output, so XLA can drop nothing
+        return (layer(x, offset, mask, kernel) ** 2).sum()
+
+    mapped = jax.vmap(layer, in_axes=(0, 0, 0, None))
+    fns = {
+        "vmap_fwd": jax.jit(mapped),
+        "batched_fwd": jax.jit(lambda x, o, m, k: layer(x[:, 0], o[:, 0], m[:, 0], k)),
+        "vmap_grad": jax.jit(jax.grad(
+            lambda x, o, m, k: (mapped(x, o, m, k) ** 2).sum(), argnums=(0, 1, 2, 3))),
+        "batched_grad": jax.jit(jax.grad(
+            lambda x, o, m, k: loss(x[:, 0], o[:, 0], m[:, 0], k), argnums=(0, 1, 2, 3))),
+    }
+    result = {}
+    for kind in ("fwd", "grad"):
+        pair = interleaved(
+            {name: (lambda fn=fns[name]: jax.block_until_ready(fn(x, offset, mask, kernel)))
+             for name in (f"vmap_{kind}", f"batched_{kind}")},
+            repeats,
+        )
+        result.update(pair)
+        result[f"vmap_over_batched_{kind}"] = pair[f"vmap_{kind}"] / pair[f"batched_{kind}"]
+    return result
+
+
 def roi_case(repeats, with_torch):
     rng = np.random.default_rng(0)
     n, h, w, c, num, out = 2, 64, 64, 256, 256, 7
@@ -170,6 +208,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-torch", action="store_true", help="skip torchvision even if present")
     parser.add_argument("--no-roi", action="store_true", help="skip the RoI pooling case")
+    parser.add_argument("--no-vmap", action="store_true", help="skip the vmap case")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/latest.json"))
     opts = parser.parse_args(argv)
     repeats = opts.repeats or (5 if opts.quick else 15)
@@ -215,6 +254,13 @@ def main(argv=None):
                      f"{r['speedup_vs_torchvision_fwd_bwd']:>9.1f}")
         print(line, flush=True)
         report["conv"][name] = {"shape_n_h_w_cin_cout": SHAPES[name], **r}
+    if not opts.no_vmap:
+        r = vmap_case(repeats)
+        print(f"\nvmap over 4 single images vs one batched call (shape A, modulated, loss "
+              f"sum(y**2)): forward {r['vmap_fwd'] * 1e3:.1f} vs {r['batched_fwd'] * 1e3:.1f} ms "
+              f"({r['vmap_over_batched_fwd']:.2f}x), grad {r['vmap_grad'] * 1e3:.1f} vs "
+              f"{r['batched_grad'] * 1e3:.1f} ms ({r['vmap_over_batched_grad']:.2f}x)", flush=True)
+        report["vmap"] = r
     if not opts.no_roi:
         r = roi_case(repeats, with_torch)
         line = (f"\ndeform_roi_pool fwd+bwd (2x64x64x256, 256 RoIs, 7x7, ratio 2, offsets): "

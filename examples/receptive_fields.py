@@ -42,7 +42,7 @@ class Stack(nn.Module):
                 layer = DeformConv(1, 3, kernel_dilation=dilation, use_bias=False,
                                    kernel_init=nn.initializers.ones)
             else:
-                layer = DilatedConv(1, 3, dilation, use_bias=False,
+                layer = DilatedConv(1, 3, kernel_dilation=dilation, use_bias=False,
                                     kernel_init=nn.initializers.ones)
             x = layer(x)
         return x

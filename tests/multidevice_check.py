@@ -28,7 +28,7 @@ class Net(nn.Module):
     def __call__(self, x):
         x = nn.relu(nn.Conv(6, (3, 3), param_dtype=jnp.float64)(x))
         x = nn.relu(DeformConv(6, 3, modulated=True, param_dtype=jnp.float64)(x))
-        x = nn.relu(DilatedConv(6, 3, 2, param_dtype=jnp.float64)(x))
+        x = nn.relu(DilatedConv(6, 3, kernel_dilation=2, param_dtype=jnp.float64)(x))
         x = nn.relu(DeformConv(8, 3, strides=2, param_dtype=jnp.float64)(x))
         return nn.Dense(3, param_dtype=jnp.float64)(x.mean(axis=(1, 2)))
 

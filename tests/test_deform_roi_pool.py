@@ -135,12 +135,14 @@ def test_rois_get_no_gradient(rng):
     np.testing.assert_array_equal(grad, np.zeros_like(rois))
 
 
-def test_invalid_batch_index_gives_nan(rng):
+def test_invalid_batch_index_gives_nan_and_minus_one_is_padding(rng):
     features = jnp.asarray(rng.normal(size=(2, 6, 6, 2)))
-    rois = jnp.array([[0, 1.0, 1.0, 4.0, 4.0], [2, 1.0, 1.0, 4.0, 4.0], [-1, 1.0, 1.0, 4.0, 4.0]])
-    out = jax.jit(functools.partial(deform_roi_pool, output_size=2))(features, rois)
-    assert np.isfinite(out[0]).all()
-    assert np.isnan(out[1:]).all()
+    box = [1.0, 1.0, 4.0, 4.0]
+    rois = jnp.array([[0] + box, [2] + box, [-1] + box, [-2] + box, [-1.5] + box, [np.nan] + box])
+    out = np.asarray(jax.jit(functools.partial(deform_roi_pool, output_size=2))(features, rois))
+    assert np.isfinite(out[0]).all() and np.all(out[0] != 0)
+    np.testing.assert_array_equal(out[2], 0)  # exactly -1: padding
+    assert np.isnan(out[[1, 3, 4, 5]]).all()
 
 
 def test_dtypes(rng):

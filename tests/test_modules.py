@@ -92,7 +92,7 @@ def test_deform_conv_batch_dims_and_dtypes(x):
 
 
 def test_dilated_conv_module(x):
-    layer = DilatedConv(7, 3, 2, bias_init=nn.initializers.normal(1.0))
+    layer = DilatedConv(7, 3, kernel_dilation=2, bias_init=nn.initializers.normal(1.0))
     variables = layer.init(jax.random.key(0), x)
     assert shapes(variables["params"]) == {"kernel": (3, 3, 4, 7), "bias": (7,)}
     reference = nn.Conv(7, (3, 3), kernel_dilation=2, precision="highest")
@@ -113,11 +113,19 @@ def test_dilated_conv_module(x):
         (DeformConv(4, (3, 3, 3)),
          "DeformConv: kernel_size must be an int or a pair of ints (h, w); got (3, 3, 3)"),
         (DeformConv(4, 3, offset_groups=0), "DeformConv: offset_groups must be a positive int; got 0"),
-        (DilatedConv(4, 3, 0), "dilated_conv: dilation must be >= 1; got 0"),
-        (DilatedConv(4, 3, 2, padding="REFLECT"),
+        (DeformConv(5, 3, feature_group_count=2),
+         "DeformConv: features must be divisible by feature_group_count; got features 5 and "
+         "feature_group_count 2"),
+        (DilatedConv(5, 3, kernel_dilation=1, feature_group_count=2),
+         "DilatedConv: features must be divisible by feature_group_count; got features 5 and "
+         "feature_group_count 2"),
+        (DilatedConv(4, 3, kernel_dilation=0), "DilatedConv: kernel_dilation must be >= 1; got 0"),
+        (DilatedConv(4, 3, kernel_dilation=2, strides=(1, 0)),
+         "DilatedConv: strides must be >= 1; got (1, 0)"),
+        (DilatedConv(4, 3, kernel_dilation=2, padding="REFLECT"),
          "DilatedConv: padding must be 'SAME', 'VALID', an int or pairs (deformable sampling "
          "reads zeros outside the image); got 'REFLECT'"),
-        (DilatedConv(4, 3, 2, feature_group_count=3),
+        (DilatedConv(4, 3, kernel_dilation=2, feature_group_count=3),
          "DilatedConv: feature_group_count must divide the input channels; got 3 for 4 channels"),
     ],
 )
@@ -128,7 +136,14 @@ def test_module_errors(x, module, message):
         module.init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("module", [DeformConv(4, 3), DilatedConv(4, 3, 2)])
+def test_dilated_conv_dilation_is_keyword_only():
+    """A third positional argument means strides (nn.Conv, DeformConv), never dilation."""
+    with pytest.raises(TypeError, match="kernel_dilation"):
+        DilatedConv(64, 3, 2)
+    assert DilatedConv(64, 3, kernel_dilation=2).kernel_dilation == 2
+
+
+@pytest.mark.parametrize("module", [DeformConv(4, 3), DilatedConv(4, 3, kernel_dilation=2)])
 def test_module_rank_error(x, module):
     name = type(module).__name__
     with pytest.raises(ValueError, match=f"{name}: inputs must have shape .* got \\(10, 4\\)"):

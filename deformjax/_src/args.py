@@ -131,7 +131,7 @@ def conv_output_hw(
         (size + lo + hi - (k - 1) * d - 1) // s + 1
         for size, (lo, hi), k, d, s in zip(in_hw, pads, kernel_hw, dilation, strides)
     )
-    if min(out) < 1:
+    if any(size < 1 for size in out):  # no min(): symbolic sizes (jax.export) compare to ints only
         raise fail(
             fn,
             f"the output would be empty: input {in_hw[0]}x{in_hw[1]} with padding {pads}, "
@@ -160,6 +160,24 @@ def check_conv(fn: str, x, kernel, bias, strides, padding, dilation, feature_gro
     if bias is not None and bias.shape != (c_out,):
         raise fail(fn, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
     return strides, dilation, groups, pads, out_hw
+
+
+# Largest count of image rows (the zero row included) that int32 indices address.
+MAX_ROWS = 2**31 - 1
+
+
+def check_rows(fn: str, rows: Any, formula: str) -> None:
+    """Raises unless an image matrix of ``rows`` rows can be indexed with int32.
+
+    A symbolic count (``jax.export``) is not checked: it is the caller's to keep
+    within range.
+    """
+    if isinstance(rows, int) and rows > MAX_ROWS:
+        raise fail(
+            fn,
+            f"the input is too large to index with int32: {formula} = {rows} image rows "
+            f"(channel blocks) must be at most 2**31 - 1; split the batch",
+        )
 
 
 def check_rank(fn: str, name: str, array: Any, rank: int, layout: str) -> None:

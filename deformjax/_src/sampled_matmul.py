@@ -17,7 +17,7 @@ the per-corner temporaries of its backward pass do not fit in the caches. So:
 The tangent rule is ordinary differentiable JAX, so forward mode, reverse
 mode, and derivatives of any order all work, and all of them equal those of
 the plain formula (the tests compare them with torchvision's gradients).
-Accelerators get a single chunk.
+Accelerators get a single chunk; the choice is made per lowering platform.
 """
 
 from __future__ import annotations
@@ -43,35 +43,52 @@ class Spec(NamedTuple):
     dtype: Any  # dtype of the columns and the kernel in the product
     acc_dtype: Any  # dtype of samples, weights and sums
     precision: Any
-    primal_chunk: int  # rows per chunk of the primal
-    tangent_chunk: int  # rows per chunk of derivatives
+    primal_chunk: int | None  # rows per chunk of the primal on a CPU; None: one chunk
+    tangent_chunk: int | None  # rows per chunk of derivatives on a CPU; None: one chunk
 
 
 # Bytes of columns per chunk on the CPU, measured on a 2-core machine
 # (benchmarks/bench.py): unrolled primal chunks of about 2.5 MB,
 # derivative chunks of about 1.2 MB; at most _MAX_UNROLLED primal chunks.
+# Accelerators get a single chunk. The policy is chosen when the computation
+# is lowered (``lax.platform_dependent``), so ``jax.export`` for another
+# platform, or for several, gets each platform's own.
 _PRIMAL_CHUNK_BYTES = {"cpu": 5 * 2**19}
 _TANGENT_CHUNK_BYTES = {"cpu": 5 * 2**18}
 _MAX_UNROLLED = 32
 
 
-def chunk_rows(rows: int, row_bytes: int, *, tangent: bool) -> int:
-    """Rows per chunk for this backend, evened out over the chunks."""
+def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
+    """Rows per chunk on the CPU, evened out over the chunks; None for one chunk.
+
+    A symbolic row count (``jax.export`` with a symbolic batch or image size)
+    gets one chunk: the number of chunks must be static.
+    """
     table = _TANGENT_CHUNK_BYTES if tangent else _PRIMAL_CHUNK_BYTES
-    budget = table.get(jax.default_backend())
-    if budget is None or rows <= 1:
-        return max(rows, 1)
-    count = -(-rows * row_bytes // budget)
+    if not isinstance(rows, int) or rows <= 1:
+        return None
+    count = -(-rows * row_bytes // table["cpu"])
     if not tangent:
         count = min(count, _MAX_UNROLLED)
     count = max(1, min(count, rows))
-    return -(-rows // count)
+    return None if count == 1 else -(-rows // count)
 
 
-def _rows(spec: Spec, image, index, weights, kmat) -> jax.Array:
+def _per_platform(fn, chunk, *operands):
+    """``fn(chunk, *operands)`` on a CPU, ``fn(None, *operands)`` elsewhere."""
+    if chunk is None:
+        return fn(None, *operands)
+    return lax.platform_dependent(
+        *operands,
+        cpu=functools.partial(fn, chunk),
+        default=functools.partial(fn, None),
+    )
+
+
+def _rows(spec: Spec, image, index, weights, kmat, guard) -> jax.Array:
     """Output rows ``(M, C_out)`` in acc_dtype from samples ``(M, K * G)``."""
     rows = index.shape[0]
-    cols = _gather(image, index, weights)
+    cols = sampling.gather(image, index, weights, guard=guard)
     return _times_kernel(spec, cols.reshape(rows, spec.taps * spec.c_in), kmat)
 
 
@@ -95,28 +112,6 @@ def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
     return out.reshape(rows, spec.c_out)
 
 
-def _gather(image, index, weights) -> jax.Array:
-    """``sampling.gather`` behind a bounds guard that XLA cannot fuse across.
-
-    Fused with its surroundings on a CPU, the gather repeats the per-sample
-    arithmetic of ``sampling.locate`` for every channel, and the reshape of
-    its output to im2col rows makes XLA loop over ``K * C`` columns instead of
-    contiguous channel rows; either costs 3-5x (XLA also drops
-    ``lax.optimization_barrier`` before fusing). The branches of a conditional
-    are compiled apart from it, so the gather sees materialized index and
-    weights and writes ``(..., K, C)``. The predicate always holds
-    (``locate`` never yields a negative row); the other branch would clamp.
-    """
-    return lax.cond(
-        jnp.all(index >= 0),
-        sampling.gather,
-        lambda image, index, weights: sampling.gather(image, jnp.maximum(index, 0), weights),
-        image,
-        index,
-        weights,
-    )
-
-
 def _pad_rows(array, total):
     return jnp.pad(array, [(0, total - array.shape[0])] + [(0, 0)] * (array.ndim - 1))
 
@@ -127,7 +122,8 @@ def sampled_matmul(spec: Spec, image, index, weights, kmat) -> jax.Array:
 
     Args:
       spec: static shapes and settings.
-      image: ``(N * H * W * G, C_in / G)``, the input as rows of channel blocks.
+      image: ``(N * H * W * G + 1, C_in / G)``, the input as rows of channel
+        blocks, then the zero row (``sampling.with_zero_row``).
       index: ``(M, K * G, 4)`` int32 corner rows (``sampling.locate``).
       weights: ``(M, K * G, 4)`` bilinear weights (mask folded in).
       kmat: ``(K, C_in / F, F, C_out / F)`` kernel.
@@ -135,11 +131,17 @@ def sampled_matmul(spec: Spec, image, index, weights, kmat) -> jax.Array:
     Returns:
       ``(M, C_out)`` in ``spec.acc_dtype``.
     """
-    rows, chunk = index.shape[0], spec.primal_chunk
-    if rows <= chunk:
-        return _rows(spec, image, index, weights, kmat)
+    return _per_platform(functools.partial(_primal, spec), spec.primal_chunk,
+                         image, index, weights, kmat)
+
+
+def _primal(spec, chunk, image, index, weights, kmat):
+    rows = index.shape[0]
+    guard = sampling.bounds_guard(index)
+    if chunk is None:
+        return _rows(spec, image, index, weights, kmat, guard)
     pieces = [
-        _rows(spec, image, index[start:start + chunk], weights[start:start + chunk], kmat)
+        _rows(spec, image, index[start:start + chunk], weights[start:start + chunk], kmat, guard)
         for start in range(0, rows, chunk)
     ]
     return jnp.concatenate(pieces, axis=0)
@@ -154,6 +156,7 @@ def _sampled_matmul_jvp(spec, primals, tangents):
         return out, jnp.zeros_like(out)
 
     has_image, has_weights, has_kmat = (not zero(t) for t in (d_image, d_weights, d_kmat))
+    guard = sampling.bounds_guard(index)  # here, where index is a plain primal value
 
     def tangent_rows(index, weights, d_weights):
         rows = index.shape[0]
@@ -164,13 +167,13 @@ def _sampled_matmul_jvp(spec, primals, tangents):
             # place across chunks instead of adding a full-size array per chunk.
             t_cols = sampling.gather(d_image, index, weights)
         if has_weights:
-            t = _gather(image, index, d_weights)
+            t = sampling.weighted_rows(image, index, d_weights, guard=guard)
             t_cols = t if t_cols is None else t_cols + t
         t_out = None
         if t_cols is not None:
             t_out = _times_kernel(spec, t_cols.reshape(rows, spec.taps * spec.c_in), kmat)
         if has_kmat:
-            cols = _gather(image, index, weights)
+            cols = sampling.gather(image, index, weights, guard=guard)
             t = _times_kernel(spec, cols.reshape(rows, spec.taps * spec.c_in), d_kmat)
             t_out = t if t_out is None else t_out + t
         return t_out
@@ -178,16 +181,20 @@ def _sampled_matmul_jvp(spec, primals, tangents):
     if not has_weights:  # a placeholder, so that every operand can be chunked alike
         d_weights = jnp.zeros((index.shape[0], 0), weights.dtype)
     fn = jax.checkpoint(tangent_rows)
-    rows, chunk = index.shape[0], spec.tangent_chunk
-    if rows <= chunk:
-        return out, fn(index, weights, d_weights)
-    count = -(-rows // chunk)
-    chunked = [
-        _pad_rows(a, count * chunk).reshape((count, chunk) + a.shape[1:])
-        for a in (index, weights, d_weights)
-    ]
-    t_out = lax.map(lambda a: fn(*a), chunked)
-    return out, t_out.reshape(count * chunk, spec.c_out)[:rows]
+
+    def tangent(chunk, index, weights, d_weights):
+        if chunk is None:
+            return fn(index, weights, d_weights)
+        rows = index.shape[0]
+        count = -(-rows // chunk)
+        chunked = [
+            _pad_rows(a, count * chunk).reshape((count, chunk) + a.shape[1:])
+            for a in (index, weights, d_weights)
+        ]
+        t_out = lax.map(lambda a: fn(*a), chunked)
+        return t_out.reshape(count * chunk, spec.c_out)[:rows]
+
+    return out, _per_platform(tangent, spec.tangent_chunk, index, weights, d_weights)
 
 
 sampled_matmul.defjvp(_sampled_matmul_jvp, symbolic_zeros=True)

@@ -9,31 +9,43 @@ Two boundary rules, one gather:
   ``y > H``, ``x < -1`` or ``x > W`` is 0; otherwise coordinates below 0 clamp
   to 0 and coordinates at or past the last row / column clamp onto it.
 
-Sampling is split in two steps so that the expensive one stays simple:
+The image is viewed as a ``(rows, channels)`` matrix with one extra all-zero
+row appended (:func:`with_zero_row`). Sampling is split in two steps so that
+the expensive one stays simple:
 
 1. :func:`locate` turns coordinates into, per sample, the rows of its four
-   corners in the image viewed as a ``(rows, channels)`` matrix and their
-   bilinear weights, with each boundary rule folded into the weights (a
-   corner outside the image gets weight 0 and a row index clamped into the
-   image, so no index can leave it). It works on small per-sample arrays
-   without channels, in float32 at least: in bfloat16 a coordinate near 300
-   has a step of 2 pixels.
+   corners and their bilinear weights. A corner outside the image, and every
+   corner of a sample that must read nothing (a NaN coordinate, a padding RoI),
+   indexes the zero row, so no index can leave the image and nothing outside a
+   sample's own footprint is ever read or receives a gradient. A NaN
+   coordinate gives NaN weights (its sample, and only it, is NaN) through a
+   ``where`` whose other branch keeps every derivative finite. It works on
+   small per-sample arrays without channels, in float32 at least: in bfloat16
+   a coordinate near 300 has a step of 2 pixels.
 2. :func:`gather` fetches the four corners' whole channel rows and sums them
-   with the weights.
+   with the weights. A corner whose weight is 0 (or not finite) reads the zero
+   row instead of its pixel, so an infinite pixel changes only the samples that
+   give it a nonzero weight (``0 * inf`` never happens) and a NaN weight sends
+   no gradient into the image. Its derivative with respect to the weights
+   still reads the real pixel: at an integer coordinate the weight of the far
+   corner is 0 but its derivative is not.
 
-Gradients come from JAX autodiff through this code. The rows are piecewise
-constant, so the derivative with respect to a coordinate is that of the
-bilinear patch the coordinate lies in, which at integer coordinates is
+Gradients are those of the plain formula ``sum_q w_q * image[row_q]``. The rows
+are piecewise constant, so the derivative with respect to a coordinate is that
+of the bilinear patch the coordinate lies in, which at integer coordinates is
 torchvision's (the patch below / to the right, with the corners outside the
 image counting 0, as in its ``get_coordinate_weight``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Mode = Literal["zeros", "clamp"]
 
@@ -45,28 +57,29 @@ Mode = Literal["zeros", "clamp"]
 _LOW = -2
 
 
-def _axis(coord: jax.Array, size: int, mode: Mode):
-    """One axis: (low row, high row, fraction, low weight mask, high weight mask).
+def with_zero_row(image: jax.Array) -> jax.Array:
+    """``(rows, C)`` -> ``(rows + 1, C)``: the image matrix with its zero row appended."""
+    return jnp.concatenate([image, jnp.zeros((1,) + image.shape[1:], image.dtype)], axis=0)
 
-    Rows are clamped into ``[0, size - 1]`` and safe for NaN coordinates, whose
-    fraction stays NaN (so their sample, and only it, becomes NaN).
-    """
+
+def _axis(coord: jax.Array, size: int, mode: Mode):
+    """One axis: (low row, high row, fraction, low corner inside, high corner inside)."""
     if mode == "zeros":
         c = jnp.clip(coord, _LOW, size)
         low = jnp.floor(c)
-        keep_low = ((low >= 0) & (low <= size - 1)).astype(coord.dtype)
-        keep_high = ((low >= -1) & (low <= size - 2)).astype(coord.dtype)
+        inside_low = (low >= 0) & (low <= size - 1)
+        inside_high = (low >= -1) & (low <= size - 2)
     else:
-        alive = ((coord >= -1) & (coord <= size)).astype(coord.dtype)
+        alive = (coord >= -1) & (coord <= size)
         c = jnp.where(coord <= 0, 0, coord)
         c = jnp.where(c >= size - 1, size - 1, c)
         low = jnp.floor(c)
-        keep_low = keep_high = alive
-    return _row(low, size), _row(low + 1, size), c - low, keep_low, keep_high
+        inside_low = inside_high = alive
+    return _row(low, size), _row(low + 1, size), c - low, inside_low, inside_high
 
 
 def _row(value: jax.Array, size: int) -> jax.Array:
-    """A float row clamped into ``[0, size - 1]`` as int32 (NaN -> 0)."""
+    """A float row clamped into ``[0, size - 1]`` as int32."""
     value = jnp.where(value > 0, value, 0)
     return jnp.where(value < size - 1, value, size - 1).astype(jnp.int32)
 
@@ -78,45 +91,54 @@ def locate(
     *,
     size: tuple[int, int],
     mode: Mode,
+    zero_row: int,
     scale: jax.Array | None = None,
     groups: int = 1,
     group: jax.Array | int = 0,
+    reads: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The four corner rows of each sample and their bilinear weights.
 
-    Rows index the image viewed as ``(B * H * W * groups, C / groups)``, i.e.
-    ``image.reshape(-1, C // groups)`` for an image ``(B, H, W, C)`` whose
-    channels are split into ``groups`` contiguous blocks.
+    Rows index the image viewed as ``(B * H * W * groups + 1, C / groups)``,
+    i.e. ``with_zero_row(image.reshape(-1, C // groups))`` for an image
+    ``(B, H, W, C)`` whose channels are split into ``groups`` contiguous
+    blocks; row ``zero_row = B * H * W * groups`` is the zero row.
 
     Args:
       y, x: row and column coordinates, shape ``S``, in float32 or wider.
-      batch: integer image index of each point, broadcastable to ``S``; the
-        caller guarantees ``0 <= batch < B``.
+      batch: integer image index of each point, broadcastable to ``S``; it need
+        only be in ``[0, B)`` where ``reads`` holds.
       size: ``(H, W)`` of the image.
       mode: the boundary rule, ``"zeros"`` or ``"clamp"``.
+      zero_row: the index of the zero row.
       scale: optional factor per point, broadcastable to ``S`` (a modulation
         mask, an averaging weight), folded into the weights.
       groups, group: the channel block of each point, broadcastable to ``S``.
+      reads: optional boolean per point, broadcastable to ``S``; where false
+        the point reads only the zero row (its sample is 0, or NaN when its
+        weights are).
 
     Returns:
       ``(index, weights)``: int32 and float ``S + (4,)``, the corners ordered
       ``(r, c), (r, c + 1), (r + 1, c), (r + 1, c + 1)``.
     """
     height, width = size
-    y_low, y_high, fy, ky_low, ky_high = _axis(y, height, mode)
-    x_low, x_high, fx, kx_low, kx_high = _axis(x, width, mode)
+    nan = jnp.isnan(y) | jnp.isnan(x)
+    # NaN coordinates are replaced before any arithmetic, so that the
+    # derivatives of the replaced branch are 0, never NaN * 0.
+    y = jnp.where(nan, _LOW, y)
+    x = jnp.where(nan, _LOW, x)
+    y_low, y_high, fy, iy_low, iy_high = _axis(y, height, mode)
+    x_low, x_high, fx, ix_low, ix_high = _axis(x, width, mode)
     gy, gx = 1 - fy, 1 - fx
-    weights = jnp.stack(
-        [
-            gy * gx * (ky_low * kx_low),
-            gy * fx * (ky_low * kx_high),
-            fy * gx * (ky_high * kx_low),
-            fy * fx * (ky_high * kx_high),
-        ],
-        axis=-1,
+    inside = jnp.stack(
+        [iy_low & ix_low, iy_low & ix_high, iy_high & ix_low, iy_high & ix_high], axis=-1
     )
+    weights = jnp.stack([gy * gx, gy * fx, fy * gx, fy * fx], axis=-1)
+    weights = jnp.where(inside, weights, 0)
     if scale is not None:
         weights = weights * jnp.asarray(scale)[..., None]
+    weights = jnp.where(nan[..., None], jnp.nan, weights)
     base = jnp.asarray(batch, jnp.int32) * height
     group = jnp.asarray(group, jnp.int32)
 
@@ -127,23 +149,139 @@ def locate(
         [row(y_low, x_low), row(y_low, x_high), row(y_high, x_low), row(y_high, x_high)],
         axis=-1,
     )
+    reads_pixel = inside & ~nan[..., None]
+    if reads is not None:
+        reads_pixel = reads_pixel & jnp.asarray(reads)[..., None]
+    index = jnp.where(reads_pixel, index, zero_row)
     return jnp.broadcast_to(index, weights.shape), weights
 
 
-def gather(image: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array:
+@jax.custom_batching.custom_vmap
+def bounds_guard(index: jax.Array) -> jax.Array:
+    """The predicate of :func:`gather`'s guard: ``all(index >= 0)``, always true.
+
+    A ``custom_vmap`` reduction over every axis, so that under ``vmap`` it stays
+    one scalar and the guard's conditional stays a conditional, instead of a
+    select that runs both branches. Compute it where ``index`` is a plain
+    primal value (not inside ``jax.checkpoint`` or a derivative rule's tangent),
+    since its derivative rule would make it look like a tangent.
+    """
+    return jnp.all(index >= 0)
+
+
+@bounds_guard.def_vmap
+def _bounds_guard_vmap(axis_size, in_batched, index):
+    del axis_size, in_batched
+    return jnp.all(index >= 0), False
+
+
+def _reads(weights: jax.Array) -> jax.Array:
+    """The corners whose pixel is read: weight nonzero and finite."""
+    return (jnp.abs(weights) > 0) & (jnp.abs(weights) < jnp.inf)
+
+
+def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
+    """``sum_q weights[..., q] * image[index[..., q]]``, one whole channel row per corner.
+
+    With ``skip_zero_weights``, a corner whose weight is 0 or not finite adds
+    ``weight * 0`` instead of ``weight * pixel`` (0, or NaN for a NaN weight).
+    """
+    out = None
+    for corner in range(4):
+        rows = image.at[index[..., corner]].get(mode="promise_in_bounds").astype(weights.dtype)
+        weight = weights[..., corner, None]
+        if skip_zero_weights:
+            rows = jnp.where(_reads(weight), rows, 0)
+        term = weight * rows
+        out = term if out is None else out + term
+    return out
+
+
+def _guarded_rows(image, index, weights, guard, *, skip_zero_weights=False):
+    """``_weighted_rows`` behind a bounds guard that XLA cannot fuse across.
+
+    Fused with its surroundings on a CPU, the gather repeats the per-sample
+    arithmetic of ``locate`` for every channel, and a reshape of its output to
+    im2col rows makes XLA loop over ``K * C`` columns instead of contiguous
+    channel rows; either costs 3-5x (XLA also drops
+    ``lax.optimization_barrier`` before fusing). The branches of a conditional
+    are compiled apart from it, so the gather sees materialized index and
+    weights. The predicate always holds (``locate`` never yields a negative
+    row; the other branch would clamp), see :func:`bounds_guard`.
+    """
+    rows = functools.partial(_weighted_rows, skip_zero_weights=skip_zero_weights)
+    return lax.cond(
+        guard,
+        rows,
+        lambda image, index, weights: rows(image, jnp.maximum(index, 0), weights),
+        image,
+        index,
+        weights,
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _gather(image, index, weights, guard, skip_zero_weights):
+    if guard is None:
+        return _weighted_rows(image, index, weights, skip_zero_weights=skip_zero_weights)
+    return _guarded_rows(image, index, weights, guard, skip_zero_weights=skip_zero_weights)
+
+
+def _gather_jvp(skip_zero_weights, primals, tangents):
+    image, index, weights, guard = primals
+    d_image, _, d_weights, _ = tangents
+    out = _gather(image, index, weights, guard, skip_zero_weights)
+    t_out = None
+    if not isinstance(d_image, SymbolicZero):
+        # A corner that reads nothing sends nothing back: its index becomes the
+        # zero row's, so that a NaN weight cannot reach the image's cotangent
+        # (and the zero row needs no skipping).
+        zero_row = image.shape[0] - 1
+        reads = _reads(weights) if skip_zero_weights else jnp.ones(weights.shape, bool)
+        t_out = _gather(d_image, jnp.where(reads, index, zero_row), weights, None, False)
+    if not isinstance(d_weights, SymbolicZero):
+        # The real corner rows: at an integer coordinate the far corner has
+        # weight 0 but not derivative 0. (A choice of rows that depended on
+        # d_weights would not be linear in it.)
+        t = _gather(image, index, d_weights, None, False)
+        t_out = t if t_out is None else t_out + t
+    return out, jnp.zeros_like(out) if t_out is None else t_out
+
+
+_gather.defjvp(_gather_jvp, symbolic_zeros=True)
+
+
+def gather(
+    image: jax.Array, index: jax.Array, weights: jax.Array, *, guard: jax.Array | None = None
+) -> jax.Array:
     """Bilinear samples: ``sum_q weights[..., q] * image[index[..., q]]``.
 
+    A corner whose weight is 0 or not finite reads the zero row (the last row
+    of ``image``) instead; derivatives are those of the formula above.
+
     Args:
-      image: ``(rows, C)``, e.g. ``x.reshape(-1, C // groups)``.
+      image: ``(rows + 1, C)``, e.g. ``with_zero_row(x.reshape(-1, C // groups))``.
       index, weights: from :func:`locate`, shape ``S + (4,)``.
+      guard: optional :func:`bounds_guard` of ``index`` (or of an array it was
+        cut from): compile the gather apart from its surroundings (see
+        ``_guarded_rows``), for callers whose output feeds a reshape or a
+        matrix product.
 
     Returns:
       ``S + (C,)`` in the dtype of ``weights``: one gather of whole,
       contiguous channel rows per corner.
     """
-    out = None
-    for corner in range(4):
-        rows = image.at[index[..., corner]].get(mode="promise_in_bounds")
-        term = weights[..., corner, None] * rows.astype(weights.dtype)
-        out = term if out is None else out + term
-    return out
+    return _gather(image, index, weights, guard, True)
+
+
+def weighted_rows(
+    image: jax.Array, index: jax.Array, weights: jax.Array, *, guard: jax.Array | None = None
+) -> jax.Array:
+    """``sum_q weights[..., q] * image[index[..., q]]`` with the real corner rows.
+
+    The form of :func:`gather` for weights that are a derivative (a tangent
+    must be linear in them, so no row may be chosen by their values): at an
+    integer coordinate the far corner has weight 0 but not derivative 0, and
+    its pixel is read. Arguments as in :func:`gather`.
+    """
+    return _gather(image, index, weights, guard, False)

@@ -74,7 +74,7 @@ class ASPP(nn.Module):
                       "norm_1x1")
         ]
         for i, rate in enumerate(self.rates):
-            y = DilatedConv(self.features, 3, rate, use_bias=False, name=f"atrous_{i}", **common)(x)
+            y = DilatedConv(self.features, 3, kernel_dilation=rate, use_bias=False, name=f"atrous_{i}", **common)(x)
             branches.append(norm_relu(y, f"norm_atrous_{i}"))
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
         pooled = nn.Conv(self.features, (1, 1), use_bias=False, name="pool_conv", **common)(pooled)

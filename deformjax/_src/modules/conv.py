@@ -6,6 +6,7 @@ Thin wrappers: each creates its parameters (named and initialised like
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,17 @@ def _check_divides(fn: str, name: str, value: int, channels: int) -> None:
         raise args.fail(
             fn, f"{name} must divide the input channels; got {value} for {channels} channels"
         )
+
+
+def _check_features(module: nn.Module, fn: str, groups: int) -> int:
+    features = args.check_positive_int(fn, "features", module.features)
+    if features % groups:
+        raise args.fail(
+            fn,
+            f"features must be divisible by feature_group_count; got features {features} and "
+            f"feature_group_count {groups}",
+        )
+    return features
 
 
 def _kernel_and_bias(module: nn.Module, kernel_size: tuple[int, int], c_in: int, groups: int):
@@ -139,6 +151,7 @@ class DeformConv(nn.Module):
         c_in = inputs.shape[-1]
         _check_divides(fn, "offset_groups", groups, c_in)
         _check_divides(fn, "feature_group_count", fg, c_in)
+        _check_features(self, fn, fg)
         window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
         # One padding for both branches, so the offsets line up with the output.
         pads = args.as_padding(
@@ -189,7 +202,9 @@ class DilatedConv(nn.Module):
     Attributes:
       features: number of output channels.
       kernel_size: int or ``(kh, kw)``; an int means a square kernel.
-      kernel_dilation: int or ``(h, w)``, the spacing of the kernel taps.
+      kernel_dilation: int or ``(h, w)``, the spacing of the kernel taps;
+        keyword-only (``DilatedConv(64, 3, 2)`` is a TypeError: a third
+        positional argument means ``strides`` in ``nn.Conv`` and ``DeformConv``).
       strides: int or ``(h, w)``.
       padding: ``'SAME'`` (default, keeps ``H, W`` at stride 1), ``'VALID'``,
         an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
@@ -213,7 +228,9 @@ class DilatedConv(nn.Module):
 
     features: int
     kernel_size: int | Sequence[int]
-    kernel_dilation: int | Sequence[int]
+    # Keyword-only: a third positional argument means strides, as in nn.Conv
+    # and DeformConv, never dilation.
+    kernel_dilation: int | Sequence[int] = dataclasses.field(kw_only=True)
     strides: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
     feature_group_count: int = 1
@@ -229,20 +246,27 @@ class DilatedConv(nn.Module):
         """Applies the layer to ``inputs`` ``(*batch, H, W, C_in)``; returns ``(*batch, H_out, W_out, features)``."""
         fn = "DilatedConv"
         kernel_size = args.as_pair(self.kernel_size, "kernel_size", fn)
+        strides = args.as_pair(self.strides, "strides", fn)
+        dilation = args.as_pair(self.kernel_dilation, "kernel_dilation", fn)
         fg = args.check_positive_int(fn, "feature_group_count", self.feature_group_count)
         _check_zero_padding(fn, self.padding)
         inputs, batch = _flatten_batch(fn, inputs)
         c_in = inputs.shape[-1]
         _check_divides(fn, "feature_group_count", fg, c_in)
+        _check_features(self, fn, fg)
+        window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+        pads = args.as_padding(
+            self.padding, fn, in_hw=inputs.shape[1:3], window_hw=window, strides=strides
+        )
         kernel, bias = _kernel_and_bias(self, kernel_size, c_in, fg)
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         out = dilated_conv(
             inputs,
             kernel,
             bias,
-            dilation=self.kernel_dilation,
-            strides=self.strides,
-            padding=self.padding,
+            dilation=dilation,
+            strides=strides,
+            padding=pads,
             feature_group_count=fg,
             precision=self.precision,
         )

@@ -74,6 +74,12 @@ class DeformRoIPool(nn.Module):
     def __call__(self, features: jax.Array, rois: jax.Array) -> jax.Array:
         """Pools ``features`` ``(N, H, W, C)`` over ``rois`` ``(R, 5)``; returns ``(R, oh, ow, C)``."""
         fn = "DeformRoIPool"
+        features, rois = jnp.asarray(features), jnp.asarray(rois)  # what the function accepts
+        args.check_rank(fn, "features", features, 4, "(N, H, W, C)")
+        if rois.ndim != 2 or rois.shape[1] != 5:
+            raise args.fail(
+                fn, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
+            )
         oh, ow = args.as_pair(self.output_size, "output_size", fn)
         width = args.check_positive_int(fn, "deform_fc_channels", self.deform_fc_channels)
 
@@ -101,7 +107,7 @@ class DeformRoIPool(nn.Module):
             )
 
         (features,) = promote_dtype(features, dtype=self.dtype)
-        num_rois = rois.shape[0] if rois.ndim == 2 else -1
+        num_rois = rois.shape[0]
         plain = pool(features).reshape(num_rois, oh * ow * features.shape[-1])
         hidden = nn.relu(dense(width, "offset_fc_0")(plain))
         hidden = nn.relu(dense(width, "offset_fc_1")(hidden))

@@ -117,6 +117,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
         jnp.arange(n).reshape(n, 1, 1, 1, 1),
         size=(h, w),
         mode="zeros",
+        zero_row=n * h * w * groups,
         scale=scale,
         groups=groups,
         group=jnp.arange(groups),
@@ -138,7 +139,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     )
     out = sampled_matmul.sampled_matmul(
         spec,
-        x.astype(dtype).reshape(n * h * w * groups, c_in // groups),
+        sampling.with_zero_row(x.astype(dtype).reshape(n * h * w * groups, c_in // groups)),
         index.reshape(m, taps * groups, 4),
         weights.reshape(m, taps * groups, 4),
         kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg),
@@ -155,7 +156,7 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
         _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
     )
     n, h, w, c_in = x.shape
-    if min(h, w) < 1:
+    if h < 1 or w < 1:
         raise args.fail(_FN, f"x must have H, W >= 1 to sample from; got shape {x.shape}")
     kh, kw = kernel.shape[:2]
     taps = kh * kw
@@ -178,6 +179,8 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
             f"offset groups must divide x.shape[-1] (C_in); got {groups} offset groups "
             f"(offset.shape[-1] {offset.shape[3]}) for C_in {c_in}",
         )
+    args.check_rows(_FN, n * h * w * groups + 1, f"N * H * W * offset_groups + 1 = "
+                    f"{n} * {h} * {w} * {groups} + 1")
     if mask is not None:
         args.check_rank(_FN, "mask", mask, 4, "(N, H_out, W_out, offset_groups * kh * kw)")
         expected = (n, out_h, out_w, groups * taps)

@@ -13,6 +13,13 @@ from deformjax._src import args, sampling
 
 _FN = "deform_roi_pool"
 
+# Bytes of samples (four corners each) up to which every grid point of every bin
+# is gathered at once (fastest); larger grids are summed one grid row at a time,
+# so that the temporaries of a huge sampling_ratio stay bounded.
+_VECTORIZED_BYTES = 2**28
+# Most bilinear samples per RoI (oh * ow * sampling_ratio**2) that a call may ask for.
+MAX_SAMPLES_PER_ROI = 2**24
+
 
 def deform_roi_pool(
     features: jax.Array,
@@ -100,10 +107,14 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     dtype, acc = args.compute_dtypes(features, offset, mask)
 
     rois = lax.stop_gradient(rois).astype(acc)
-    start_w = rois[:, 1] * spatial_scale - 0.5
-    start_h = rois[:, 2] * spatial_scale - 0.5
-    roi_w = (rois[:, 3] * spatial_scale - 0.5) - start_w
-    roi_h = (rois[:, 4] * spatial_scale - 0.5) - start_h
+    # A RoI with a non-finite coordinate pools NaN; it is computed as an empty
+    # RoI at the origin, so that nothing else (no gradient either) sees a NaN.
+    finite = jnp.all(jnp.isfinite(rois[:, 1:]), axis=1)
+    x1, y1, x2, y2 = jnp.where(finite[:, None], rois[:, 1:], 0).T
+    start_w = x1 * spatial_scale - 0.5
+    start_h = y1 * spatial_scale - 0.5
+    roi_w = (x2 * spatial_scale - 0.5) - start_w
+    roi_h = (y2 * spatial_scale - 0.5) - start_h
     bin_h, bin_w = roi_h / oh, roi_w / ow
 
     if sampling_ratio > 0:
@@ -125,46 +136,72 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     y0 = y0 + (jnp.arange(oh, dtype=acc) * bin_h[:, None])[:, :, None]
     x0 = x0 + (jnp.arange(ow, dtype=acc) * bin_w[:, None])[:, None, :]
 
-    # Sample points (R, oh, ow, grid_h, grid_w), in torchvision's evaluation order.
+    # Sample offsets within a bin, in torchvision's evaluation order.
     index_h = jnp.arange(grid_h, dtype=acc)
     index_w = jnp.arange(grid_w, dtype=acc)
     dy = (index_h + 0.5) * bin_h[:, None] / jnp.maximum(count_h, 1)[:, None]  # (R, grid_h)
     dx = (index_w + 0.5) * bin_w[:, None] / jnp.maximum(count_w, 1)[:, None]  # (R, grid_w)
-    ys = y0[..., None, None] + dy[:, None, None, :, None]
-    xs = x0[..., None, None] + dx[:, None, None, None, :]
 
     # Averaging weight per sample: 1 / count for the first count_h x count_w
-    # samples of each bin, 0 for the surplus of the static adaptive grid.
+    # samples of each bin, 0 for the surplus of the static adaptive grid (a
+    # zero weight reads nothing).
     used_h = (index_h < count_h[:, None]).astype(acc)  # (R, grid_h)
     used_w = (index_w < count_w[:, None]).astype(acc)  # (R, grid_w)
     total = jnp.maximum(count_h * count_w, 1)
-    weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
-    weight = weight[:, None, None]  # (R, 1, 1, grid_h, grid_w)
 
+    # Batch index: exactly -1 is padding (pools 0, no gradient); anything else
+    # outside [0, N) pools NaN. Neither reads a pixel.
+    padding = rois[:, 0] == -1
     batch = jnp.trunc(rois[:, 0])
     batch_ok = (batch >= 0) & (batch < n)
-    batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None, None, None]
+    reads = batch_ok[:, None, None]
+    batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None]  # (R, 1, 1)
+    image = sampling.with_zero_row(features.astype(dtype).reshape(n * h * w, channels))
 
-    if n == 0:  # no image to sample from: every batch index is out of range
-        return jnp.full((num_rois, oh, ow, channels), jnp.nan, dtype)
-    index, weights = sampling.locate(ys, xs, batch, size=(h, w), mode="clamp", scale=weight)
-    samples = sampling.gather(
-        features.astype(dtype).reshape(n * h * w, channels), index, weights
-    )  # (R, oh, ow, grid_h, grid_w, C)
-    out = samples.sum(axis=(3, 4))
+    def rows_of_grid(dy, used_h):
+        """The weighted samples of some rows of every bin's grid, summed: (R, oh, ow, C).
+
+        ``dy``, ``used_h``: ``(R, k)`` for ``k`` rows of the grid.
+        """
+        ys = y0[..., None, None] + dy[:, None, None, :, None]  # (R, oh, ow, k, 1)
+        xs = x0[..., None, None] + dx[:, None, None, None, :]  # (R, oh, ow, 1, grid_w)
+        weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
+        index, weights = sampling.locate(
+            ys, xs, batch[..., None, None], size=(h, w), mode="clamp", zero_row=n * h * w,
+            scale=weight[:, None, None], reads=reads[..., None, None],
+        )
+        guard = sampling.bounds_guard(index)
+        return sampling.gather(image, index, weights, guard=guard).sum(axis=(3, 4))
+
+    # All grid points at once while their samples are small; else one grid row
+    # at a time, so that temporaries stay bounded whatever the sampling ratio.
+    sample_bytes = num_rois * oh * ow * grid_h * grid_w * channels * 4 * jnp.dtype(acc).itemsize
+    if isinstance(sample_bytes, int) and sample_bytes <= _VECTORIZED_BYTES:
+        out = rows_of_grid(dy, used_h)
+    else:
+        @jax.checkpoint  # the backward pass recomputes each row instead of stacking them
+        def step(out, row):
+            dy_row, used_row = row
+            return out + rows_of_grid(dy_row[:, None], used_row[:, None]), None
+
+        zeros = jnp.zeros((num_rois, oh, ow, channels), acc)
+        out, _ = lax.scan(step, zeros, (dy.T, used_h.T))
     if mask is not None:
         out = out * mask.astype(acc)
-    out = jnp.where(batch_ok[:, None, None, None], out, jnp.nan)
+    out = jnp.where((batch_ok & finite)[:, None, None, None], out, jnp.nan)
+    out = jnp.where(padding[:, None, None, None], 0, out)
     return out.astype(dtype)
 
 
 def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
     args.check_floating(_FN, features=features, rois=rois, offset=offset, mask=mask)
     args.check_rank(_FN, "features", features, 4, "(N, H, W, C)")
-    if min(features.shape[1:3]) < 1:
+    n, h, w, _ = features.shape
+    if h < 1 or w < 1:
         raise args.fail(
             _FN, f"features must have H, W >= 1 to sample from; got shape {features.shape}"
         )
+    args.check_rows(_FN, n * h * w + 1, f"N * H * W + 1 = {n} * {h} * {w} + 1")
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise args.fail(
             _FN, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
@@ -174,6 +211,13 @@ def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ra
         raise args.fail(_FN, f"spatial_scale must be a positive finite number; got {spatial_scale!r}")
     if not args.is_int(sampling_ratio):
         raise args.fail(_FN, f"sampling_ratio must be an int; got {sampling_ratio!r}")
+    if sampling_ratio > 0 and oh * ow * sampling_ratio**2 > MAX_SAMPLES_PER_ROI:
+        largest = math.isqrt(MAX_SAMPLES_PER_ROI // (oh * ow))
+        raise args.fail(
+            _FN,
+            f"sampling_ratio must be at most {largest} for a {oh}x{ow} output "
+            f"(oh * ow * sampling_ratio**2 <= 2**24 samples per RoI); got {sampling_ratio}",
+        )
     if not args.is_real(gamma) or not math.isfinite(gamma):
         raise args.fail(_FN, f"gamma must be a finite number; got {gamma!r}")
     num_rois = rois.shape[0]
