@@ -1,12 +1,16 @@
 """deformjax: deformable and dilated convolutions for JAX and Flax.
 
 Channels-last (NHWC) inputs and HWIO kernels throughout. The ops are pure
-functions, differentiable to any order and jit-able; see the README.
+functions, differentiable to any order and jit-able. The Flax modules exist
+twice, with the same parameters: linen (``deformjax.DeformConv``, also
+``deformjax.linen.DeformConv``) and NNX (``deformjax.nnx.DeformConv``). See
+the README.
 """
 
-from deformjax._src.modules.aspp import ASPP
-from deformjax._src.modules.conv import DeformConv, DilatedConv
-from deformjax._src.modules.roi_pool import DeformRoIPool
+from deformjax import linen, nnx
+from deformjax._src.linen.aspp import ASPP
+from deformjax._src.linen.conv import DeformConv, DilatedConv
+from deformjax._src.linen.roi_pool import DeformRoIPool
 from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv

@@ -11,9 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+
+try:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+except ModuleNotFoundError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "deformjax.viz needs matplotlib, an optional extra: pip install 'deformjax[viz]'"
+    ) from error
 
 from deformjax._src import args
 from deformjax._src.tools.receptive_field import receptive_field

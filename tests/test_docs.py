@@ -11,9 +11,12 @@ MODULES = [
     "deformjax._src.ops.dilated_conv",
     "deformjax._src.ops.deform_roi_pool",
     "deformjax._src.tools.receptive_field",
-    "deformjax._src.modules.conv",
-    "deformjax._src.modules.roi_pool",
-    "deformjax._src.modules.aspp",
+    "deformjax._src.linen.conv",
+    "deformjax._src.linen.roi_pool",
+    "deformjax._src.linen.aspp",
+    "deformjax._src.nnx.conv",
+    "deformjax._src.nnx.roi_pool",
+    "deformjax._src.nnx.aspp",
 ]
 
 

@@ -123,45 +123,6 @@ def check_conv_kernel(fn: str, kernel_shape: tuple[int, ...], c_in: int, groups:
         )
 
 
-def conv_output_hw(
-    fn: str, in_hw: Pair, pads: Padding, kernel_hw: Pair, dilation: Pair, strides: Pair
-) -> Pair:
-    """Output ``(H_out, W_out)`` of a strided, dilated window; raises if it is empty."""
-    out = tuple(
-        (size + lo + hi - (k - 1) * d - 1) // s + 1
-        for size, (lo, hi), k, d, s in zip(in_hw, pads, kernel_hw, dilation, strides)
-    )
-    if any(size < 1 for size in out):  # no min(): symbolic sizes (jax.export) compare to ints only
-        raise fail(
-            fn,
-            f"the output would be empty: input {in_hw[0]}x{in_hw[1]} with padding {pads}, "
-            f"a {kernel_hw[0]}x{kernel_hw[1]} kernel, dilation {dilation} and strides "
-            f"{strides} give {out[0]}x{out[1]}",
-        )
-    return out  # type: ignore[return-value]
-
-
-def check_conv(fn: str, x, kernel, bias, strides, padding, dilation, feature_group_count):
-    """Validates the arguments every convolution shares; returns them normalised.
-
-    Returns ``(strides, dilation, feature_group_count, pads, (H_out, W_out))``.
-    """
-    check_rank(fn, "x", x, 4, "(N, H, W, C_in)")
-    check_rank(fn, "kernel", kernel, 4, "(kh, kw, C_in // feature_group_count, C_out)")
-    strides = as_pair(strides, "strides", fn)
-    dilation = as_pair(dilation, "dilation", fn)
-    groups = check_positive_int(fn, "feature_group_count", feature_group_count)
-    _, h, w, c_in = x.shape
-    kh, kw, _, c_out = kernel.shape
-    check_conv_kernel(fn, kernel.shape, c_in, groups)
-    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    pads = as_padding(padding, fn, in_hw=(h, w), window_hw=window, strides=strides)
-    out_hw = conv_output_hw(fn, (h, w), pads, (kh, kw), dilation, strides)
-    if bias is not None and bias.shape != (c_out,):
-        raise fail(fn, f"bias.shape must be (C_out,) = ({c_out},); got {bias.shape}")
-    return strides, dilation, groups, pads, out_hw
-
-
 # Largest count of image rows (the zero row included) that int32 indices address.
 MAX_ROWS = 2**31 - 1
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deformjax._src import args, sampled_matmul, sampling
+from deformjax._src import args, geometry, sampled_matmul, sampling
 
 _FN = "deform_conv"
 
@@ -152,7 +152,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
 def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_group_count):
     args.check_floating(_FN, x=x, offset=offset, kernel=kernel, mask=mask, bias=bias)
     args.check_rank(_FN, "offset", offset, 4, "(N, H_out, W_out, 2 * offset_groups * kh * kw)")
-    strides, dilation, fg, pads, (out_h, out_w) = args.check_conv(
+    geo, fg, (out_h, out_w) = geometry.check_conv(
         _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
     )
     n, h, w, c_in = x.shape
@@ -190,4 +190,4 @@ def _check(x, offset, kernel, mask, bias, strides, padding, dilation, feature_gr
                 f"mask.shape must be (N, H_out, W_out, offset_groups * kh * kw) = {expected}; "
                 f"got {mask.shape}",
             )
-    return dict(strides=strides, dilation=dilation, pads=pads, feature_group_count=fg)
+    return dict(strides=geo.strides, dilation=geo.dilation, pads=geo.padding, feature_group_count=fg)

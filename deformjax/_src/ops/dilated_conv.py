@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deformjax._src import args
+from deformjax._src import args, geometry
 
 _FN = "dilated_conv"
 
@@ -57,7 +57,7 @@ def dilated_conv(
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     bias = None if bias is None else jnp.asarray(bias)
     args.check_floating(_FN, x=x, kernel=kernel, bias=bias)
-    strides, dilation, fg, pads, _ = args.check_conv(
+    geo, fg, _ = geometry.check_conv(
         _FN, x, kernel, bias, strides, padding, dilation, feature_group_count
     )
 
@@ -65,9 +65,9 @@ def dilated_conv(
     out = lax.conv_general_dilated(
         x.astype(dtype),
         kernel.astype(dtype),
-        window_strides=strides,
-        padding=pads,
-        rhs_dilation=dilation,
+        window_strides=geo.strides,
+        padding=geo.padding,
+        rhs_dilation=geo.dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=fg,
         precision=precision,

@@ -7,22 +7,14 @@ use under ``jit``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from deformjax._src import args
+from deformjax._src import args, geometry
+from deformjax._src.geometry import LayerGeometry
 
 _FN = "sampling_locations"
-
-
-class LayerGeometry(NamedTuple):
-    """The static geometry of one convolution layer (explicit padding)."""
-
-    kernel_size: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-    dilation: tuple[int, int] = (1, 1)
 
 
 def layer_geometry(
@@ -36,18 +28,10 @@ def layer_geometry(
     """Normalises a layer's hyper-parameters (as given to ``DeformConv`` or ``nn.Conv``).
 
     ``in_hw``, the layer's input ``(H, W)``, is needed for ``'SAME'`` padding.
+    The result's ``output_hw(in_hw)`` is the layer's output size.
     """
-    fn = "layer_geometry"
-    kernel_size = args.as_pair(kernel_size, "kernel_size", fn)
-    strides = args.as_pair(strides, "strides", fn)
-    dilation = args.as_pair(dilation, "dilation", fn)
-    if isinstance(padding, str) and in_hw is None:
-        raise args.fail(fn, f"in_hw is needed to resolve padding {padding!r}; got None")
-    window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
-    pads = args.as_padding(
-        padding, fn, in_hw=tuple(in_hw or (0, 0)), window_hw=window, strides=strides
-    )
-    return LayerGeometry(kernel_size, strides, pads, dilation)
+    return geometry.resolve("layer_geometry", kernel_size, strides, padding, dilation,
+                            in_hw=in_hw, names=("kernel_size", "strides", "dilation"))
 
 
 def sampling_locations(
@@ -95,7 +79,7 @@ def sampling_locations(
         (kh, kw), (sh, sw), ((top, _), (left, _)), (dh, dw) = layers[index]
         stride, origin = np.array([sh, sw]), np.array([-top, -left])
         if offsets[index] is None:
-            centre = np.array([(kh - 1) * dh, (kw - 1) * dw]) / 2
+            centre = (np.array(LayerGeometry(*layers[index]).window) - 1) / 2
             points = points * stride + origin + centre
             continue
         off = np.asarray(offsets[index], dtype=np.float64)

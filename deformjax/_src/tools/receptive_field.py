@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from deformjax._src import args
+from deformjax._src import args, geometry
 
 _FN = "receptive_field"
 
@@ -43,7 +43,7 @@ def receptive_field(layers: Iterable[tuple[int, int, int]]) -> list[int]:
                 f"got {layer!r}",
             )
         kernel_size, dilation, stride = (int(v) for v in layer)
-        field += (kernel_size - 1) * dilation * jump
+        field += (geometry.window_size(kernel_size, dilation) - 1) * jump
         jump *= stride
         sizes.append(field)
     return sizes

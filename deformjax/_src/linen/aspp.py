@@ -8,10 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
-from deformjax._src.modules.conv import DilatedConv
+from deformjax._src.linen.conv import DilatedConv
 
-Dtype = Any
 
 
 class ASPP(nn.Module):

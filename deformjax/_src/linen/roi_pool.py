@@ -8,13 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PrecisionLike
 
-from deformjax._src import args
-from deformjax._src.ops.deform_roi_pool import deform_roi_pool
-
-Dtype = Any
-Initializer = Any
+from deformjax._src import layers
+from deformjax._src.linen.conv import _Weights
 
 
 class DeformRoIPool(nn.Module):
@@ -29,9 +26,10 @@ class DeformRoIPool(nn.Module):
     (zero-initialised: a fresh modulated module pools half of RoIAlign). The
     offsets (and mask) are sown into ``intermediates`` as ``offsets`` (and
     ``masks``). Parameters: ``offset_fc_0``, ``offset_fc_1``, ``offset_fc_2``
-    (and ``mask_fc_0``, ``mask_fc_1``), each a ``Dense`` with ``kernel`` and
-    ``bias``. The pooled RoI is flattened channels-last, ``(oh, ow, C)``, so
-    mmcv's first-layer weights (flattened ``(C, oh, ow)``) need permuting.
+    (and ``mask_fc_0``, ``mask_fc_1``), each with a ``kernel`` ``(in, out)``
+    and a ``bias``, as ``nn.Dense``. The pooled RoI is flattened
+    channels-last, ``(oh, ow, C)``, so mmcv's first-layer weights (flattened
+    ``(C, oh, ow)``) need permuting.
 
     Attributes:
       output_size: int or ``(oh, ow)``.
@@ -66,57 +64,35 @@ class DeformRoIPool(nn.Module):
     deform_fc_channels: int = 1024
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    precision: Any = None
+    precision: PrecisionLike = None
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, features: jax.Array, rois: jax.Array) -> jax.Array:
+    def __call__(self, features: Any, rois: Any) -> jax.Array:
         """Pools ``features`` ``(N, H, W, C)`` over ``rois`` ``(R, 5)``; returns ``(R, oh, ow, C)``."""
         fn = "DeformRoIPool"
-        features, rois = jnp.asarray(features), jnp.asarray(rois)  # what the function accepts
-        args.check_rank(fn, "features", features, 4, "(N, H, W, C)")
-        if rois.ndim != 2 or rois.shape[1] != 5:
-            raise args.fail(
-                fn, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
-            )
-        oh, ow = args.as_pair(self.output_size, "output_size", fn)
-        width = args.check_positive_int(fn, "deform_fc_channels", self.deform_fc_channels)
+        features, rois = layers.check_roi_inputs(fn, features, rois)
+        spec = layers.roi_pool_spec(fn, channels=features.shape[-1], output_size=self.output_size,
+                                    deform_fc_channels=self.deform_fc_channels,
+                                    modulated=self.modulated)
 
-        def pool(features, offset=None, mask=None):
-            return deform_roi_pool(
-                features,
-                rois,
-                offset,
-                mask,
-                output_size=(oh, ow),
-                spatial_scale=self.spatial_scale,
-                sampling_ratio=self.sampling_ratio,
-                gamma=self.gamma,
-            )
+        def weights(specs):
+            zeros = nn.initializers.zeros_init()
+            return [
+                _Weights((fan_in, fan_out), (fan_out,), self.param_dtype,
+                         zeros if last else self.kernel_init, zeros if last else self.bias_init,
+                         name=name)()
+                for last, (name, fan_in, fan_out) in ((i == len(specs) - 1, s)
+                                                      for i, s in enumerate(specs))
+            ]
 
-        def dense(size, name, zero=False):
-            return nn.Dense(
-                size,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                precision=self.precision,
-                kernel_init=nn.initializers.zeros_init() if zero else self.kernel_init,
-                bias_init=nn.initializers.zeros_init() if zero else self.bias_init,
-                name=name,
-            )
-
-        (features,) = promote_dtype(features, dtype=self.dtype)
-        num_rois = rois.shape[0]
-        plain = pool(features).reshape(num_rois, oh * ow * features.shape[-1])
-        hidden = nn.relu(dense(width, "offset_fc_0")(plain))
-        hidden = nn.relu(dense(width, "offset_fc_1")(hidden))
-        offset = dense(oh * ow * 2, "offset_fc_2", zero=True)(hidden).reshape(num_rois, oh, ow, 2)
+        out, offset, mask = layers.deform_roi_pool_layer(
+            spec, features, rois, weights(spec.offset_layers), weights(spec.mask_layers),
+            spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma, dtype=self.dtype, precision=self.precision,
+        )
         self.sow("intermediates", "offsets", offset)
-        mask = None
-        if self.modulated:
-            hidden = nn.relu(dense(width, "mask_fc_0")(plain))
-            logits = dense(oh * ow, "mask_fc_1", zero=True)(hidden)
-            mask = jax.nn.sigmoid(logits).reshape(num_rois, oh, ow, 1)
+        if mask is not None:
             self.sow("intermediates", "masks", mask)
-        return pool(features, offset, mask)
+        return out

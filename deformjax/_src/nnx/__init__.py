@@ -1,0 +1,1 @@
+"""Flax NNX front-end: modules that create parameters and call the recipes in ``_src/layers``."""

@@ -1,0 +1,10 @@
+"""The Flax linen modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``.
+
+The same classes as ``deformjax.<Name>``; their NNX twins are in ``deformjax.nnx``.
+"""
+
+from deformjax._src.linen.aspp import ASPP
+from deformjax._src.linen.conv import DeformConv, DilatedConv
+from deformjax._src.linen.roi_pool import DeformRoIPool
+
+__all__ = ["ASPP", "DeformConv", "DeformRoIPool", "DilatedConv"]
