@@ -15,7 +15,7 @@ import numpy as np
 try:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 except ModuleNotFoundError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "deformjax.viz needs matplotlib, an optional extra: pip install 'deformjax[viz]'"
@@ -87,6 +87,7 @@ def plot_sampling_locations(
     height, width = np.asarray(image).shape[:2]
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
+    ax.legend(loc="upper right", fontsize=6, framealpha=0.6, markerscale=1.5)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
@@ -145,6 +146,10 @@ def plot_deformed_rois(
                 x = left + j * width / ow + gamma * width * dx
                 ax.add_patch(Rectangle((x, y), width / ow, height / oh, fill=False,
                                        edgecolor="red", linewidth=0.8))
+    bins = "bins moved by the offsets" if offsets is not None else "bins"
+    ax.legend(handles=[Patch(fill=False, edgecolor="yellow", linewidth=2.0, label="RoI"),
+                       Patch(fill=False, edgecolor="red", linewidth=0.8, label=bins)],
+              loc="upper right", fontsize=6, framealpha=0.6)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
@@ -186,7 +191,11 @@ def plot_receptive_field_growth(
                                alpha=0.35, linewidth=0))
         taps = (np.arange(kernel_size) - (kernel_size - 1) / 2) * dilation * jump + centre
         ty, tx = np.meshgrid(taps, taps, indexing="ij")
-        ax.scatter(tx.ravel(), ty.ravel(), c="red", s=14, zorder=3)
+        ax.scatter(tx.ravel(), ty.ravel(), c="red", s=14, zorder=3, label="kernel taps")
+        if index == 0:
+            ax.legend(handles=[Patch(color="tab:green", alpha=0.35, label="receptive field"),
+                               *ax.get_legend_handles_labels()[0]],
+                      loc="upper right", fontsize=6, framealpha=0.8)
         ax.set_xticks(np.arange(-0.5, grid, 1), minor=True)
         ax.set_yticks(np.arange(-0.5, grid, 1), minor=True)
         ax.grid(which="minor", color="0.8", linewidth=0.5)
@@ -218,7 +227,9 @@ def plot_effective_receptive_field(
       The figure holding ``ax``.
     """
     fig, ax = _axes(ax)
-    ax.imshow(np.asarray(erf, dtype=np.float64), cmap="magma", interpolation="nearest")
+    shown = ax.imshow(np.asarray(erf, dtype=np.float64), cmap="magma", interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).set_label(
+        "input's influence on the unit", fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

@@ -10,17 +10,20 @@ for a few test images, where the deformable layers sample for the unit of the
 last layer that responds most (composed through both deformable layers:
 9 x 9 = 81 red points), beside the regular grid of the plain layers.
 
-    python examples/deformable_digits.py            # default run, a few minutes on 2 cores
-    python examples/deformable_digits.py --quick    # under a minute
+    python examples/deformable_digits.py              # default run, a few minutes on 2 cores
+    python examples/deformable_digits.py --api nnx    # the same with Flax NNX modules
+    python examples/deformable_digits.py --quick      # a smoke run (too short to compare)
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +32,7 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
+import deformjax.nnx as djnnx
 from deformjax import DeformConv, layer_geometry, sampling_locations
 
 CANVAS = 32
@@ -84,6 +88,24 @@ class DigitNet(nn.Module):
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
+class NnxDigitNet(nnx.Module):
+    """``DigitNet`` in Flax NNX: the same layers, ``deformjax.nnx.DeformConv`` for the last two."""
+
+    def __init__(self, widths, deformable, *, rngs):
+        strides, channels = (1, 2, 1, 2, 1), (1,) + tuple(widths)
+        self.convs = nnx.List([
+            (djnnx.DeformConv if deformable and i >= 3 else nnx.Conv)(
+                channels[i], width, (3, 3), strides=stride, padding="SAME", rngs=rngs)
+            for i, (width, stride) in enumerate(zip(widths, strides))
+        ])
+        self.head = nnx.Linear(widths[-1], 10, rngs=rngs)
+
+    def __call__(self, x):
+        for conv in self.convs:
+            x = nnx.relu(conv(x))
+        return self.head(x.mean(axis=(1, 2)))
+
+
 # Widths chosen so that both models have about the same number of parameters:
 # the plain one is wider where the other spends parameters on offset branches.
 PLAIN_WIDTHS = (16, 32, 32, 74, 74)
@@ -109,51 +131,92 @@ def train_step(model, tx):
     return step
 
 
-def train(model, data, *, epochs, batch_size, seed, name):
-    x_train, y_train, x_test, y_test = data
-    params = model.init(jax.random.key(seed), x_train[:1])["params"]
-    steps = epochs * (len(x_train) // batch_size)
+def linen_trainer(model, x_first, steps, seed):
+    """(state, step, predict, parameters) for a linen model: state is (params, opt_state)."""
+    params = model.init(jax.random.key(seed), x_first)["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
-    opt_state = tx.init(params)
+    update = jax.jit(train_step(model, tx))
 
-    step = jax.jit(train_step(model, tx))
+    def step(state, x, y):
+        params, opt_state, loss = update(*state, x, y)
+        return (params, opt_state), loss
 
-    @jax.jit
-    def predict(params, x):
-        return model.apply({"params": params}, x).argmax(-1)
+    predict = jax.jit(lambda state, x: model.apply({"params": state[0]}, x).argmax(-1))
+    return (params, tx.init(params)), step, predict, lambda state: state[0]
 
+
+def nnx_trainer(model, steps):
+    """The same for an NNX model: state is (model, optimizer), updated in place."""
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def update(model, optimizer, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    def step(state, x, y):
+        return state, update(*state, x, y)
+
+    predict = nnx.jit(lambda state, x: state[0](x).argmax(-1))
+    return (model, optimizer), step, predict, lambda state: nnx.state(state[0], nnx.Param)
+
+
+def train(trainer, data, *, epochs, batch_size, seed, name):
+    """The training loop of both APIs; returns (parameters, test accuracy)."""
+    x_train, y_train, x_test, y_test = data
+    state, step, predict, parameters = trainer
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         order = rng.permutation(len(x_train))
         batches = range(len(x_train) // batch_size)
-        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not sys.stderr.isatty())  # quiet in logs and pipes
         losses = []
         for b in bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
-            params, opt_state, loss = step(params, opt_state, x_train[idx], y_train[idx])
+            state, loss = step(state, x_train[idx], y_train[idx])
             losses.append(float(loss))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        tqdm.write(f"{name} epoch {epoch + 1}/{epochs}: mean loss {np.mean(losses):.4f}")
+        print(f"{name} epoch {epoch + 1}/{epochs}: mean loss {np.mean(losses):.4f}", flush=True)
     predictions = np.concatenate(
-        [predict(params, x_test[i:i + 256]) for i in range(0, len(x_test), 256)]
+        [predict(state, x_test[i:i + 256]) for i in range(0, len(x_test), 256)]
     )
-    return params, float((predictions == y_test).mean())
+    return state, parameters(state), float((predictions == y_test).mean())
 
 
-def draw_sampling(model, params, images, out_dir):
-    """For each image, the 81 points where the two deformable layers sample vs the plain grid."""
-    from matplotlib.figure import Figure
-
-    from deformjax.viz import plot_sampling_locations
-
-    # One pass collects the sown offsets and each DeformConv's output.
+def linen_offsets(model, params, images):
+    """The two DeformConv layers' offsets and the last one's output, from one pass."""
     _, state = model.apply(
         {"params": params}, images, mutable="intermediates",
         capture_intermediates=lambda module, _: isinstance(module, DeformConv),
     )
     inter = state["intermediates"]
     offsets = [inter["DeformConv_0"]["offsets"][0], inter["DeformConv_1"]["offsets"][0]]
-    top = inter["DeformConv_1"]["__call__"][0]  # (N, 8, 8, C)
+    return offsets, inter["DeformConv_1"]["__call__"][0]
+
+
+def nnx_offsets(model, images):
+    """The same, read the NNX way: nnx.capture of the sown offsets and of each call's output."""
+    _, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
+    convs = captured["convs"]
+    offsets = [convs[3]["offsets"][0], convs[4]["offsets"][0]]
+    return offsets, convs[4]["__call__"][0]
+
+
+def draw_sampling(offsets, top, images, out_dir):
+    """For each image, the 81 points where the two deformable layers sample vs the plain grid.
+
+    ``offsets``: the two deformable layers' offsets; ``top``: the last one's output (N, 8, 8, C).
+    """
+    from matplotlib.figure import Figure
+
+    from deformjax.viz import plot_sampling_locations
+
     # The stack's geometry, bottom first: conv 32 -> conv/2 16 -> conv 16 -> deform/2 8 -> deform 8.
     sizes = (CANVAS, CANVAS, CANVAS // 2, CANVAS // 2, CANVAS // 4)
     layers = [
@@ -183,7 +246,10 @@ def draw_sampling(model, params, images, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (under a minute): too short to compare the models")
+    parser.add_argument("--api", choices=("linen", "nnx"), default="linen",
+                        help="build the models with deformjax's linen or NNX modules")
     parser.add_argument("--epochs", type=int, default=None, help="default 12, 2 with --quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/digits"),
@@ -197,21 +263,36 @@ def main(argv=None):
                      limit=600 if opts.quick else None)
     print(f"data: {len(data[0])} train / {len(data[2])} test images of {CANVAS}x{CANVAS} "
           f"(seed {opts.seed})")
+    print(f"API: {opts.api}")
+    steps = epochs * (len(data[0]) // 64)
     results = {}
     for name, widths, deformable in (("plain", PLAIN_WIDTHS, False),
                                      ("deformable", DEFORM_WIDTHS, True)):
-        model = DigitNet(widths, deformable)
+        if opts.api == "nnx":
+            model = NnxDigitNet(widths, deformable, rngs=nnx.Rngs(opts.seed))
+            trainer = nnx_trainer(model, steps)
+        else:
+            model = DigitNet(widths, deformable)
+            trainer = linen_trainer(model, data[0][:1], steps, opts.seed)
         t0 = time.perf_counter()
-        params, accuracy = train(model, data, epochs=epochs, batch_size=64, seed=opts.seed,
-                                 name=name)
-        results[name] = (model, params, accuracy, time.perf_counter() - t0)
+        state, params, accuracy = train(trainer, data, epochs=epochs, batch_size=64,
+                                        seed=opts.seed, name=name)
+        results[name] = (model, state, params, accuracy, time.perf_counter() - t0)
 
+    if opts.quick:
+        print(f"\nSMOKE RUN (--quick): {steps} steps on {len(data[0])} digits, too short to "
+              "compare the models; run without --quick for the result.")
     print(f"\n{'model':<12}{'parameters':>12}{'test accuracy':>16}{'train time':>12}")
-    for name, (_, params, accuracy, seconds) in results.items():
+    for name, (_, _, params, accuracy, seconds) in results.items():
         print(f"{name:<12}{count_params(params):>12,}{accuracy:>16.4f}{seconds:>11.1f}s")
 
-    model, params, _, _ = results["deformable"]
-    path = draw_sampling(model, params, data[2][:4], opts.out)
+    model, state, params, _, _ = results["deformable"]
+    images = data[2][:4]
+    if opts.api == "nnx":
+        offsets, top = nnx_offsets(model, images)
+    else:
+        offsets, top = linen_offsets(model, params, images)
+    path = draw_sampling(offsets, top, images, opts.out)
     print(f"\nwrote {path}")
     print(f"total {time.perf_counter() - start:.1f}s")
 

@@ -1,15 +1,29 @@
 """The three ops of deformjax on random data, with shapes and a gradient.
 
-Run: python examples/quickstart.py
+    python examples/quickstart.py                      # prints shapes (seconds)
+    python examples/quickstart.py --out out/quickstart # also draws where one unit samples
+
+It is already short: --quick is accepted, like every example's, and changes nothing.
 """
+
+import argparse
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from deformjax import deform_conv, deform_roi_pool, dilated_conv, receptive_field
+from deformjax import (deform_conv, deform_roi_pool, dilated_conv, layer_geometry,
+                       receptive_field, sampling_locations)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="draw where unit (16, 16) of the deformable layer samples, here")
+    parser.add_argument("--quick", action="store_true", help="no effect: already quick")
+    opts = parser.parse_args(argv)
+
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k1, (2, 32, 32, 16))
 
@@ -33,6 +47,17 @@ def main():
     bins = 0.1 * jax.random.normal(k2, (2, 7, 7, 2))
     pooled = deform_roi_pool(x, rois, bins, output_size=7, sampling_ratio=2)
     print("deform_roi_pool ", x.shape, rois.shape, "->", pooled.shape)
+
+    if opts.out is not None:
+        from deformjax.viz import plot_sampling_locations
+
+        opts.out.mkdir(parents=True, exist_ok=True)
+        points = sampling_locations([layer_geometry(3, padding=1)], [np.asarray(offset[0])],
+                                    (16, 16))
+        fig = plot_sampling_locations(np.asarray(x[0, ..., 0]), points, centre=(16, 16),
+                                      title="deform_conv: the 9 taps of unit (16, 16)")
+        fig.savefig(opts.out / "quickstart.png", dpi=110, bbox_inches="tight")
+        print("wrote", opts.out / "quickstart.png")
 
 
 if __name__ == "__main__":

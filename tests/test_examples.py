@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -16,17 +18,21 @@ def run_example(name, *args, timeout=300):
         capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return result.stdout + result.stderr  # stderr too: progress bars would show there
 
 
-def test_quickstart():
-    out = run_example("quickstart.py")
+def test_quickstart(tmp_path):
+    out = run_example("quickstart.py", "--quick", "--out", str(tmp_path))
     assert "deform_conv      (2, 32, 32, 16) -> (2, 32, 32, 32)" in out
     assert "[3, 7, 15]" in out and "nonzero: True" in out
+    assert (tmp_path / "quickstart.png").stat().st_size > 10_000
 
 
-def test_deformable_digits_quick(tmp_path):
-    out = run_example("deformable_digits.py", "--quick", "--out", str(tmp_path))
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_deformable_digits_quick(tmp_path, api):
+    out = run_example("deformable_digits.py", "--quick", "--api", api, "--out", str(tmp_path))
+    assert f"API: {api}" in out and "SMOKE RUN (--quick)" in out
+    assert "\r" not in out  # no progress bar when not on a terminal
     rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)))
             for m in re.finditer(r"^(plain|deformable)\s+([\d,]+)\s+([\d.]+)", out, re.M)}
     assert set(rows) == {"plain", "deformable"}, out

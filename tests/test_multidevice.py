@@ -29,12 +29,5 @@ def test_sharded_jit_pmap_and_model_parallel_match_one_device():
     assert "ALL OK" in result.stdout
 
 
-def test_data_parallel_example_on_four_devices(tmp_path):
-    result = run([str(ROOT / "examples" / "data_parallel.py"), "--devices", "4", "--steps", "6",
-                  "--quick"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 devices" in result.stdout
-    losses = [float(line.split("loss")[1].split()[0]) for line in result.stdout.splitlines()
-              if line.startswith("step")]
-    assert len(losses) == 6 and all(np.isfinite(losses))
-
+# The data-parallel example on 4 devices (one process) runs in tests/test_multihost.py,
+# as the reference the 2-process run must equal.
