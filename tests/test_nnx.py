@@ -110,15 +110,21 @@ def test_offsets_are_captured_without_warnings():
 
 
 class Net(nnx.Module):
+    """Every NNX module of deformjax in one model."""
+
     def __init__(self, rngs):
         self.conv = djnnx.DeformConv(4, 8, 3, modulated=True, rngs=rngs)
         self.dilated = djnnx.DilatedConv(8, 8, 3, kernel_dilation=2, rngs=rngs)
+        self.aspp = djnnx.ASPP(8, features=8, rates=(2,), dropout_rate=0.1, rngs=rngs)
+        self.pool = djnnx.DeformRoIPool(8, 2, sampling_ratio=2, deform_fc_channels=8,
+                                        rngs=rngs)
         self.head = nnx.Linear(8, 3, rngs=rngs)
 
     def __call__(self, x):
-        x = nnx.relu(self.conv(x))
-        x = nnx.relu(self.dilated(x))
-        return self.head(x.mean(axis=(1, 2)))
+        x = nnx.relu(self.dilated(nnx.relu(self.conv(x))))
+        x = self.aspp(x)
+        pooled = self.pool(x, ROIS[:2])  # one RoI per image
+        return self.head(pooled.mean(axis=(1, 2)))
 
 
 def test_trains_under_nnx_jit_and_round_trips_through_orbax(tmp_path):
@@ -144,17 +150,21 @@ def test_trains_under_nnx_jit_and_round_trips_through_orbax(tmp_path):
         losses = [float(step(model, optimizer, X)) for _ in range(12)]
     assert losses[-1] < 0.5 * losses[0]
     assert np.abs(model.conv.offset.kernel[...]).max() > 0  # the offsets learned
+    assert np.abs(model.pool.offset_fc_2.kernel[...]).max() > 0
+    assert np.abs(model.aspp.norm_project.mean[...]).max() > 0  # batch statistics moved
+    model.eval()
 
-    _, state = nnx.split(model)
+    weights = (nnx.Param, nnx.BatchStat)  # what a checkpoint holds (not the rng streams)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_path / "state", nnx.to_pure_dict(state))
+    checkpointer.save(tmp_path / "state", nnx.to_pure_dict(nnx.state(model, weights)))
     checkpointer.wait_until_finished()
     fresh = Net(nnx.Rngs(5))
-    graphdef, abstract = nnx.split(fresh)
-    restored = checkpointer.restore(tmp_path / "state", nnx.to_pure_dict(abstract))
-    nnx.replace_by_pure_dict(abstract, restored)
-    loaded = nnx.merge(graphdef, abstract)
-    np.testing.assert_array_equal(loaded(X), model(X))
+    fresh.eval()
+    target = nnx.state(fresh, weights)
+    restored = checkpointer.restore(tmp_path / "state", nnx.to_pure_dict(target))
+    nnx.replace_by_pure_dict(target, restored)
+    nnx.update(fresh, target)
+    np.testing.assert_array_equal(fresh(X), model(X))
 
 
 def test_nnx_errors_name_the_module():
