@@ -61,6 +61,7 @@ def plot_sampling_locations(
     title: str | None = None,
     color: str = "red",
     size: float = 6.0,
+    legend: bool = True,
 ) -> Figure:
     """Draws sampling points over an image (the DCN paper's red dots).
 
@@ -72,6 +73,7 @@ def plot_sampling_locations(
       ax: axes to draw on; a new figure when ``None``.
       title: optional axes title.
       color, size: of the points.
+      legend: label the points and the unit (off for all but one panel of a grid).
 
     Returns:
       The figure holding ``ax``.
@@ -87,7 +89,8 @@ def plot_sampling_locations(
     height, width = np.asarray(image).shape[:2]
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
-    ax.legend(loc="upper right", fontsize=6, framealpha=0.6, markerscale=1.5)
+    if legend:
+        ax.legend(loc="upper right", fontsize=6, framealpha=0.6, markerscale=0.8)
     if title:
         ax.set_title(title, fontsize=9)
     return fig

@@ -235,9 +235,10 @@ def draw_sampling(offsets, top, images, out_dir):
         regular = sampling_locations(layers, zeros, position)
         centre = sampling_locations(layers, [None] * 5, position)[0]
         plot_sampling_locations(image[..., 0], learned, centre=centre, title="deformable",
-                                ax=fig.add_subplot(len(images), 2, 2 * row + 1))
+                                ax=fig.add_subplot(len(images), 2, 2 * row + 1),
+                                legend=row == 0)
         plot_sampling_locations(image[..., 0], regular, centre=centre, title="regular grid",
-                                ax=fig.add_subplot(len(images), 2, 2 * row + 2))
+                                ax=fig.add_subplot(len(images), 2, 2 * row + 2), legend=False)
     fig.tight_layout()
     path = out_dir / "sampling_locations.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")

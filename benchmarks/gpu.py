@@ -1,0 +1,178 @@
+"""deform_conv on whatever accelerator JAX sees, against lax.conv (cuDNN) and torchvision.
+
+    python benchmarks/gpu.py                      # the real-model shapes, GPU batch sizes
+    python benchmarks/gpu.py --smoke              # tiny sizes, a few seconds on a CPU
+
+Shapes (NHWC, 3x3, padding 1, modulated, offsets ~ N(0, 2^2)): the layer shapes of
+the performance issue, with the batch multiplied by --batch-scale (default 8 on an
+accelerator, 1 on a CPU). For each shape and dtype (float32, bfloat16): deformjax
+forward and forward+backward (loss sum(y**2); gradients of x, offset, mask and
+kernel), lax.conv_general_dilated of the same size (the backend's own convolution,
+cuDNN on NVIDIA GPUs), and, when torch with CUDA is importable, torchvision's
+deform_conv2d (float32 only: it has no bfloat16). Each comparison is timed
+interleaved (ours, peer, ours, peer, ...) after a warm-up; figures are medians in
+milliseconds. deformjax runs with the chunk policy of the backend it is lowered
+for (one chunk on accelerators). Writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from deformjax import deform_conv
+
+# name: (N, H, W, C_in, C_out, offset_groups, feature_group_count)
+SHAPES = {
+    "A": (4, 32, 32, 128, 128, 1, 1),
+    "r50_c3": (2, 100, 168, 128, 128, 1, 1),
+    "r50_c4_g4": (2, 50, 84, 256, 256, 4, 1),
+    "edvr_g8": (4, 64, 64, 64, 64, 8, 1),
+    "centernet": (2, 128, 128, 64, 64, 1, 1),
+    "depthwise_g4": (8, 56, 56, 64, 64, 4, 64),
+    "small": (2, 16, 16, 32, 32, 1, 1),
+}
+
+
+def smoke_shape(shape):
+    n, h, w, c_in, c_out, groups, fg = shape
+    scale = 8 if fg == 1 else 1  # depthwise keeps its channel count divisible
+    return (1, max(4, h // 8), max(4, w // 8), c_in // scale, c_out // scale, groups, fg)
+
+
+def median_ms(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def case(shape, dtype, repeats, torch_cuda):
+    n, h, w, c_in, c_out, groups, fg = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), dtype)
+    offset = jnp.asarray(rng.normal(scale=2.0, size=(n, h, w, 2 * groups * 9)), dtype)
+    mask = jnp.asarray(rng.uniform(size=(n, h, w, groups * 9)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, c_in // fg, c_out)) / np.sqrt(9 * c_in // fg),
+                         dtype)
+
+    def ours(x, offset, mask, kernel):
+        return deform_conv(x, offset, kernel, mask, padding=1, feature_group_count=fg)
+
+    def conv(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=fg)
+
+    def loss(fn):
+        return lambda *a: (fn(*a).astype(jnp.float32) ** 2).sum()
+
+    fwd = jax.jit(ours)
+    bwd = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2, 3)))
+    conv_fwd = jax.jit(conv)
+    conv_bwd = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))
+    run = jax.block_until_ready
+    result = {}
+    result.update(median_ms({"deformjax_fwd": lambda: run(fwd(x, offset, mask, kernel)),
+                             "lax_conv_fwd": lambda: run(conv_fwd(x, kernel))}, repeats))
+    result.update(median_ms({"deformjax_fwd_bwd": lambda: run(bwd(x, offset, mask, kernel)),
+                             "lax_conv_fwd_bwd": lambda: run(conv_bwd(x, kernel))}, repeats))
+    if torch_cuda is not None and dtype == jnp.float32:
+        torch, torchvision = torch_cuda
+        device = "cuda"
+
+        def t(a, perm):
+            return torch.tensor(np.asarray(a, np.float32).transpose(perm).copy(), device=device,
+                                requires_grad=True)
+
+        tx, to, tm = (t(a, (0, 3, 1, 2)) for a in (x, offset, mask))
+        tw = t(kernel, (3, 2, 0, 1))
+
+        def torch_fwd():
+            with torch.no_grad():
+                torchvision.ops.deform_conv2d(tx, to, tw, padding=1, mask=tm)
+            torch.cuda.synchronize()
+
+        def torch_fwd_bwd():
+            out = torchvision.ops.deform_conv2d(tx, to, tw, padding=1, mask=tm)
+            torch.autograd.grad((out ** 2).sum(), (tx, to, tm, tw))
+            torch.cuda.synchronize()
+
+        pair = median_ms({"ours": lambda: run(fwd(x, offset, mask, kernel)),
+                          "torchvision_fwd": torch_fwd}, repeats)
+        result["torchvision_fwd"] = pair["torchvision_fwd"]
+        pair = median_ms({"ours": lambda: run(bwd(x, offset, mask, kernel)),
+                          "torchvision_fwd_bwd": torch_fwd_bwd}, repeats)
+        result["torchvision_fwd_bwd"] = pair["torchvision_fwd_bwd"]
+    result["fwd_ratio_vs_lax_conv"] = result["deformjax_fwd"] / result["lax_conv_fwd"]
+    result["fwd_bwd_ratio_vs_lax_conv"] = result["deformjax_fwd_bwd"] / result["lax_conv_fwd_bwd"]
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CPU test)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--batch-scale", type=int, default=None,
+                        help="multiply every batch (default 8 on an accelerator, 1 on a CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 (2 with --smoke)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path("benchmarks/results/gpu-latest.json"))
+    opts = parser.parse_args(argv)
+    device = jax.devices()[0]
+    accelerator = device.platform != "cpu"
+    scale = opts.batch_scale or (8 if accelerator and not opts.smoke else 1)
+    repeats = opts.repeats or (2 if opts.smoke else 20)
+    torch_cuda = None
+    if not opts.no_torch:
+        try:
+            import torch
+            import torchvision
+
+            if torch.cuda.is_available():
+                torch_cuda = (torch, torchvision)
+        except ImportError:
+            pass
+    report = {"device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
+              "batch_scale": scale, "repeats": repeats, "smoke": opts.smoke,
+              "torchvision": None if torch_cuda is None else torch_cuda[1].__version__,
+              "results": {}}
+    print(f"{report['device']}, jax {jax.__version__}, batch x{scale}, medians of {repeats}, ms; "
+          f"torchvision CUDA: {report['torchvision'] or 'no'}")
+    print(f"{'shape':<14}{'dtype':<10}{'dj fwd':>9}{'conv':>9}{'ratio':>7}{'dj f+b':>9}"
+          f"{'conv':>9}{'ratio':>7}{'tv fwd':>9}{'tv f+b':>9}")
+    for name in opts.shapes:
+        shape = smoke_shape(SHAPES[name]) if opts.smoke else SHAPES[name]
+        shape = (shape[0] * scale,) + shape[1:]
+        for dtype in (jnp.float32, jnp.bfloat16):
+            r = case(shape, dtype, repeats, torch_cuda)
+            report["results"][f"{name}/{jnp.dtype(dtype).name}"] = {"shape": shape, **r}
+            tv = "".join(f"{r[k]:>9.2f}" if k in r else f"{'-':>9}"
+                         for k in ("torchvision_fwd", "torchvision_fwd_bwd"))
+            print(f"{name:<14}{jnp.dtype(dtype).name:<10}{r['deformjax_fwd']:>9.2f}"
+                  f"{r['lax_conv_fwd']:>9.2f}{r['fwd_ratio_vs_lax_conv']:>7.2f}"
+                  f"{r['deformjax_fwd_bwd']:>9.2f}{r['lax_conv_fwd_bwd']:>9.2f}"
+                  f"{r['fwd_bwd_ratio_vs_lax_conv']:>7.2f}{tv}", flush=True)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    main()

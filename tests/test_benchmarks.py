@@ -1,0 +1,27 @@
+"""benchmarks/gpu.py runs (tiny sizes on the CPU) and writes its JSON; no timing is asserted."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_gpu_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--no-torch",
+         "--shapes", "small", "depthwise_g4", "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["device"].startswith("cpu")
+    assert set(report["results"]) == {"small/float32", "small/bfloat16",
+                                      "depthwise_g4/float32", "depthwise_g4/bfloat16"}
+    for figures in report["results"].values():
+        assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
+                                            "lax_conv_fwd", "lax_conv_fwd_bwd"))
