@@ -10,9 +10,9 @@ the README.
 from deformjax import linen, nnx
 from deformjax._src.linen.aspp import ASPP
 from deformjax._src.linen.conv import DeformConv, DilatedConv
-from deformjax._src.linen.roi_pool import DeformRoIPool
+from deformjax._src.linen.roi_pool import DeformPSRoIPool, DeformRoIPool
 from deformjax._src.ops.deform_conv import deform_conv
-from deformjax._src.ops.deform_roi_pool import deform_roi_pool
+from deformjax._src.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
 from deformjax._src.tools.locations import LayerGeometry, layer_geometry, sampling_locations
 from deformjax._src.tools.receptive_field import effective_receptive_field, receptive_field
@@ -22,10 +22,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ASPP",
     "DeformConv",
+    "DeformPSRoIPool",
     "DeformRoIPool",
     "DilatedConv",
     "LayerGeometry",
     "deform_conv",
+    "deform_ps_roi_pool",
     "deform_roi_pool",
     "dilated_conv",
     "effective_receptive_field",

@@ -1,10 +1,11 @@
-"""The Flax linen modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``.
+"""The Flax linen modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``,
+``DeformPSRoIPool``.
 
 The same classes as ``deformjax.<Name>``; their NNX twins are in ``deformjax.nnx``.
 """
 
 from deformjax._src.linen.aspp import ASPP
 from deformjax._src.linen.conv import DeformConv, DilatedConv
-from deformjax._src.linen.roi_pool import DeformRoIPool
+from deformjax._src.linen.roi_pool import DeformPSRoIPool, DeformRoIPool
 
-__all__ = ["ASPP", "DeformConv", "DeformRoIPool", "DilatedConv"]
+__all__ = ["ASPP", "DeformConv", "DeformPSRoIPool", "DeformRoIPool", "DilatedConv"]

@@ -1,4 +1,4 @@
-"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``.
+"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``, ``DeformPSRoIPool``.
 
 Native ``flax.nnx`` twins of the linen modules (``deformjax.<Name>``), built
 the NNX way (``in_features`` first, ``rngs=``), with the same parameter names,
@@ -27,9 +27,17 @@ from flax import nnx
 
 from deformjax._src.nnx.aspp import ASPP
 from deformjax._src.nnx.conv import DeformConv, DilatedConv
-from deformjax._src.nnx.roi_pool import DeformRoIPool
+from deformjax._src.nnx.roi_pool import DeformPSRoIPool, DeformRoIPool
 
-__all__ = ["ASPP", "DeformConv", "DeformRoIPool", "DilatedConv", "from_linen", "to_linen"]
+__all__ = [
+    "ASPP",
+    "DeformConv",
+    "DeformPSRoIPool",
+    "DeformRoIPool",
+    "DilatedConv",
+    "from_linen",
+    "to_linen",
+]
 
 _COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
 

@@ -232,3 +232,31 @@ def deform_roi_pool_reference(
                             if grad is not None:
                                 grad[b, row, col] += scale * wt * cotangent[r, ph, pw] / count
     return out if cotangent is None else (out, grad)
+
+
+def deform_ps_roi_pool_reference(features, rois, offset=None, *, output_size, spatial_scale,
+                                 sampling_ratio, gamma, cotangent=None):
+    """Position-sensitive deformable RoI pooling from the loop above: bin (i, j) of output
+    channel c pools input channel (c * oh + i) * ow + j (torchvision's ps_roi_align order).
+    Returns ``out`` or, given ``cotangent``, ``(out, grad_features)``."""
+    features = np.asarray(features, np.float64)
+    oh, ow = output_size
+    c_out = features.shape[-1] // (oh * ow)
+    out = np.zeros((rois.shape[0], oh, ow, c_out))
+    grad = np.zeros_like(features)
+    kw = dict(output_size=output_size, spatial_scale=spatial_scale,
+              sampling_ratio=sampling_ratio, gamma=gamma)
+    for i in range(oh):
+        for j in range(ow):
+            channels = [(c * oh + i) * ow + j for c in range(c_out)]
+            bin_cotangent = None
+            if cotangent is not None:
+                bin_cotangent = np.zeros((rois.shape[0], oh, ow, c_out))
+                bin_cotangent[:, i, j] = cotangent[:, i, j]
+            result = deform_roi_pool_reference(features[..., channels], rois, offset,
+                                               cotangent=bin_cotangent, **kw)
+            pooled = result if cotangent is None else result[0]
+            out[:, i, j] = pooled[:, i, j]
+            if cotangent is not None:
+                grad[..., channels] += result[1]
+    return out if cotangent is None else (out, grad)

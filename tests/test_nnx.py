@@ -42,6 +42,11 @@ TWINS = {
                                     rngs=nnx.Rngs(1)),
         (X, ROIS),
     ),
+    "DeformPSRoIPool": (
+        lambda: deformjax.DeformPSRoIPool((2, 1), sampling_ratio=2),
+        lambda: djnnx.DeformPSRoIPool(4, (2, 1), sampling_ratio=2, rngs=nnx.Rngs(1)),
+        (X, ROIS),
+    ),
     "ASPP": (
         lambda: deformjax.ASPP(features=8, rates=(2, 3), dropout_rate=0.0),
         lambda: djnnx.ASPP(4, features=8, rates=(2, 3), dropout_rate=0.0, rngs=nnx.Rngs(1)),
@@ -118,13 +123,15 @@ class Net(nnx.Module):
         self.aspp = djnnx.ASPP(8, features=8, rates=(2,), dropout_rate=0.1, rngs=rngs)
         self.pool = djnnx.DeformRoIPool(8, 2, sampling_ratio=2, deform_fc_channels=8,
                                         rngs=rngs)
-        self.head = nnx.Linear(8, 3, rngs=rngs)
+        self.ps_pool = djnnx.DeformPSRoIPool(8, 2, sampling_ratio=2, rngs=rngs)
+        self.head = nnx.Linear(8 + 2, 3, rngs=rngs)
 
     def __call__(self, x):
         x = nnx.relu(self.dilated(nnx.relu(self.conv(x))))
         x = self.aspp(x)
         pooled = self.pool(x, ROIS[:2])  # one RoI per image
-        return self.head(pooled.mean(axis=(1, 2)))
+        position_sensitive = self.ps_pool(x, ROIS[:2])
+        return self.head(jnp.concatenate([pooled, position_sensitive], -1).mean(axis=(1, 2)))
 
 
 def test_trains_under_nnx_jit_and_round_trips_through_orbax(tmp_path):
@@ -151,6 +158,7 @@ def test_trains_under_nnx_jit_and_round_trips_through_orbax(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     assert np.abs(model.conv.offset.kernel[...]).max() > 0  # the offsets learned
     assert np.abs(model.pool.offset_fc_2.kernel[...]).max() > 0
+    assert np.abs(model.ps_pool.offset.kernel[...]).max() > 0
     assert np.abs(model.aspp.norm_project.mean[...]).max() > 0  # batch statistics moved
     model.eval()
 

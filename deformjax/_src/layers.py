@@ -19,7 +19,7 @@ from jax import lax
 
 from deformjax._src import args, geometry
 from deformjax._src.ops.deform_conv import deform_conv
-from deformjax._src.ops.deform_roi_pool import deform_roi_pool
+from deformjax._src.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -267,3 +267,46 @@ def deform_roi_pool_layer(
     if spec.modulated:
         mask = jax.nn.sigmoid(mlp(plain, mask_params)).reshape(num_rois, oh, ow, 1)
     return pool(features, offset, mask), offset, mask
+
+
+def ps_roi_pool_spec(fn: str, *, channels: int, output_size: Any) -> tuple[int, int]:
+    """Checks ``DeformPSRoIPool``'s output size against the feature channels."""
+    oh, ow = args.as_pair(output_size, "output_size", fn)
+    if channels % (oh * ow):
+        raise args.fail(
+            fn,
+            f"features.shape[-1] (in_features) must be C_out * oh * ow, a multiple of "
+            f"oh * ow = {oh * ow} for a {oh}x{ow} output; got {channels}",
+        )
+    return oh, ow
+
+
+def deform_ps_roi_pool_layer(
+    output_size: tuple[int, int],
+    features: jax.Array,
+    rois: jax.Array,
+    offset_kernel: jax.Array,
+    offset_bias: jax.Array,
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    dtype: Any = None,
+    precision: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``DeformPSRoIPool`` (the deformable R-FCN head).
+
+    A 1x1 convolution (``offset_kernel`` ``(1, 1, C, 2 * oh * ow)``) maps the
+    features to an offset field that is PS-RoI-pooled, without offsets, into a
+    normalized ``(dy, dx)`` per bin; then the features are PS-RoI-pooled with
+    those offsets. Returns ``(out, offset)``: ``(R, oh, ow, C / (oh * ow))``
+    and ``(R, oh, ow, 2)``.
+    """
+    kw = dict(output_size=output_size, spatial_scale=spatial_scale,
+              sampling_ratio=sampling_ratio, gamma=gamma)
+    x, kernel, bias = promote_dtype(features, offset_kernel, offset_bias, dtype=dtype)
+    field = lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)),
+                                     dimension_numbers=_NHWC, precision=precision) + bias
+    offset = deform_ps_roi_pool(field, rois, **kw)
+    (x,) = promote_dtype(features, dtype=dtype)
+    return deform_ps_roi_pool(x, rois, offset.astype(x.dtype), **kw), offset

@@ -96,3 +96,56 @@ class DeformRoIPool(nn.Module):
         if mask is not None:
             self.sow("intermediates", "masks", mask)
         return out
+
+
+class DeformPSRoIPool(nn.Module):
+    """Deformable position-sensitive RoI pooling, the deformable R-FCN head.
+
+    Owns a 1x1 convolution named ``offset`` (``kernel`` ``(1, 1, C, 2 * oh *
+    ow)``, ``bias``), zero-initialised, that maps the features to an offset
+    field; PS-RoI pooling that field (no offsets) gives each bin its
+    normalized ``(dy, dx)``, and the features are PS-RoI-pooled with them
+    (``deform_ps_roi_pool``). A fresh module is ``torchvision.ops.ps_roi_align``.
+    The offsets are sown into ``intermediates`` as ``offsets``.
+
+    Attributes:
+      output_size: int or ``(oh, ow)``; the features need ``C_out * oh * ow`` channels.
+      spatial_scale, sampling_ratio, gamma: as ``deform_ps_roi_pool``.
+      dtype, param_dtype, precision: as ``nn.Conv``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from deformjax import DeformPSRoIPool
+      >>> head = DeformPSRoIPool(output_size=3, sampling_ratio=2)
+      >>> features = jnp.ones((1, 16, 16, 2 * 3 * 3))
+      >>> rois = jnp.array([[0.0, 2.0, 2.0, 12.0, 10.0]])
+      >>> params = head.init(jax.random.key(0), features, rois)
+      >>> head.apply(params, features, rois).shape
+      (1, 3, 3, 2)
+    """
+
+    output_size: int | Sequence[int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = 0
+    gamma: float = 0.1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, features: Any, rois: Any) -> jax.Array:
+        """Pools ``features`` ``(N, H, W, C_out * oh * ow)`` over ``rois`` ``(R, 5)``; returns ``(R, oh, ow, C_out)``."""
+        fn = "DeformPSRoIPool"
+        features, rois = layers.check_roi_inputs(fn, features, rois)
+        oh, ow = layers.ps_roi_pool_spec(fn, channels=features.shape[-1],
+                                         output_size=self.output_size)
+        zeros = nn.initializers.zeros_init()
+        kernel, bias = _Weights((1, 1, features.shape[-1], 2 * oh * ow), (2 * oh * ow,),
+                                self.param_dtype, zeros, zeros, name="offset")()
+        out, offset = layers.deform_ps_roi_pool_layer(
+            (oh, ow), features, rois, kernel, bias, spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio, gamma=self.gamma, dtype=self.dtype,
+            precision=self.precision,
+        )
+        self.sow("intermediates", "offsets", offset)
+        return out

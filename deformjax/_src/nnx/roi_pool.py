@@ -14,6 +14,17 @@ from deformjax._src import layers
 from deformjax._src.nnx.conv import sow_if_captured
 
 
+def _check_inputs(module, features: Any, rois: Any) -> tuple[jax.Array, jax.Array]:
+    fn = type(module).__name__
+    features, rois = layers.check_roi_inputs(fn, features, rois)
+    if features.shape[-1] != module.in_features:
+        raise ValueError(
+            f"{fn}: features.shape[-1] must be in_features = {module.in_features}; "
+            f"got {features.shape[-1]}"
+        )
+    return features, rois
+
+
 class DeformRoIPool(nnx.Module):
     """Deformable RoI pooling that predicts its own bin offsets; the NNX twin of
     ``deformjax.DeformRoIPool`` (mmcv's ``DeformRoIPoolPack`` /
@@ -81,13 +92,7 @@ class DeformRoIPool(nnx.Module):
 
     def __call__(self, features: Any, rois: Any) -> jax.Array:
         """Pools ``features`` ``(N, H, W, in_features)`` over ``rois`` ``(R, 5)``; returns ``(R, oh, ow, C)``."""
-        fn = "DeformRoIPool"
-        features, rois = layers.check_roi_inputs(fn, features, rois)
-        if features.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{fn}: features.shape[-1] must be in_features = {self.in_features}; "
-                f"got {features.shape[-1]}"
-            )
+        features, rois = _check_inputs(self, features, rois)
 
         def weights(specs):
             return [(getattr(self, name).kernel[...], getattr(self, name).bias[...])
@@ -101,4 +106,55 @@ class DeformRoIPool(nnx.Module):
         )
         sow_if_captured(self, "offsets", offset)
         sow_if_captured(self, "masks", mask)
+        return out
+
+
+class DeformPSRoIPool(nnx.Module):
+    """Deformable position-sensitive RoI pooling (the deformable R-FCN head); the NNX
+    twin of ``deformjax.DeformPSRoIPool``, with the same parameters: ``offset``, an
+    ``nnx.Conv`` 1x1 holding ``kernel`` ``(1, 1, in_features, 2 * oh * ow)`` and
+    ``bias``, zero-initialised (a fresh module is ``ps_roi_align``). Offsets are sown
+    as ``nnx.Intermediate`` inside ``nnx.capture``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deformjax.nnx as djnnx
+      >>> head = djnnx.DeformPSRoIPool(18, 3, sampling_ratio=2, rngs=nnx.Rngs(0))
+      >>> head(jnp.ones((1, 16, 16, 18)), jnp.array([[0.0, 2.0, 2.0, 12.0, 10.0]])).shape
+      (1, 3, 3, 2)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        output_size: int | Sequence[int],
+        *,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.output_size = layers.ps_roi_pool_spec("DeformPSRoIPool", channels=in_features,
+                                                   output_size=output_size)
+        self.spatial_scale, self.sampling_ratio, self.gamma = spatial_scale, sampling_ratio, gamma
+        self.dtype, self.precision = dtype, precision
+        oh, ow = self.output_size
+        zeros = nnx.initializers.zeros_init()
+        self.offset = nnx.Conv(in_features, 2 * oh * ow, (1, 1), param_dtype=param_dtype,
+                               kernel_init=zeros, bias_init=zeros, rngs=rngs)
+
+    def __call__(self, features: Any, rois: Any) -> jax.Array:
+        """Pools ``features`` ``(N, H, W, in_features)`` over ``rois`` ``(R, 5)``; returns ``(R, oh, ow, in_features / (oh * ow))``."""
+        features, rois = _check_inputs(self, features, rois)
+        out, offset = layers.deform_ps_roi_pool_layer(
+            self.output_size, features, rois, self.offset.kernel[...], self.offset.bias[...],
+            spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma, dtype=self.dtype, precision=self.precision,
+        )
+        sow_if_captured(self, "offsets", offset)
         return out

@@ -97,10 +97,12 @@ def deform_roi_pool(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("output_size", "spatial_scale", "sampling_ratio", "gamma")
+    jax.jit,
+    static_argnames=("output_size", "spatial_scale", "sampling_ratio", "gamma",
+                     "position_sensitive"),
 )
 def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale, sampling_ratio,
-                     gamma):
+                     gamma, position_sensitive=False):
     oh, ow = output_size
     n, h, w, channels = features.shape
     num_rois = rois.shape[0]
@@ -156,7 +158,16 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     batch_ok = (batch >= 0) & (batch < n)
     reads = batch_ok[:, None, None]
     batch = jnp.where(batch_ok, batch, 0).astype(jnp.int32)[:, None, None]  # (R, 1, 1)
-    image = sampling.with_zero_row(features.astype(dtype).reshape(n * h * w, channels))
+    if position_sensitive:
+        # Output channel c of bin (i, j) reads input channel (c * oh + i) * ow + j: the
+        # image matrix gets one row per (pixel, bin), and bin (i, j) is channel block
+        # i * ow + j of the sampler.
+        groups, channels = oh * ow, channels // (oh * ow)
+        pixels = features.astype(dtype).reshape(n, h, w, channels, groups).swapaxes(3, 4)
+        group = (jnp.arange(oh)[:, None] * ow + jnp.arange(ow))[None, :, :, None, None]
+    else:
+        groups, group, pixels = 1, 0, features.astype(dtype)
+    image = sampling.with_zero_row(pixels.reshape(n * h * w * groups, channels))
 
     def rows_of_grid(dy, used_h):
         """The weighted samples of some rows of every bin's grid, summed: (R, oh, ow, C).
@@ -167,8 +178,9 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
         xs = x0[..., None, None] + dx[:, None, None, None, :]  # (R, oh, ow, 1, grid_w)
         weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
         index, weights = sampling.locate(
-            ys, xs, batch[..., None, None], size=(h, w), mode="clamp", zero_row=n * h * w,
-            scale=weight[:, None, None], reads=reads[..., None, None],
+            ys, xs, batch[..., None, None], size=(h, w), mode="clamp",
+            zero_row=n * h * w * groups, scale=weight[:, None, None],
+            reads=reads[..., None, None], groups=groups, group=group,
         )
         guard = sampling.bounds_guard(index)
         return sampling.gather(image, index, weights, guard=guard).sum(axis=(3, 4))
@@ -193,40 +205,104 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
     return out.astype(dtype)
 
 
-def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
-    args.check_floating(_FN, features=features, rois=rois, offset=offset, mask=mask)
-    args.check_rank(_FN, "features", features, 4, "(N, H, W, C)")
-    n, h, w, _ = features.shape
+def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma,
+           fn=_FN, position_sensitive=False):
+    args.check_floating(fn, features=features, rois=rois, offset=offset, mask=mask)
+    args.check_rank(fn, "features", features, 4, "(N, H, W, C)")
+    n, h, w, c = features.shape
     if h < 1 or w < 1:
         raise args.fail(
-            _FN, f"features must have H, W >= 1 to sample from; got shape {features.shape}"
+            fn, f"features must have H, W >= 1 to sample from; got shape {features.shape}"
         )
-    args.check_rows(_FN, n * h * w + 1, f"N * H * W + 1 = {n} * {h} * {w} + 1")
+    oh, ow = args.as_pair(output_size, "output_size", fn)
+    if position_sensitive:
+        if c % (oh * ow):
+            raise args.fail(
+                fn,
+                f"features.shape[-1] must be C_out * oh * ow, a multiple of oh * ow = {oh * ow} "
+                f"for a {oh}x{ow} output; got {c}",
+            )
+        args.check_rows(fn, n * h * w * oh * ow + 1,
+                        f"N * H * W * oh * ow + 1 = {n} * {h} * {w} * {oh * ow} + 1")
+    else:
+        args.check_rows(fn, n * h * w + 1, f"N * H * W + 1 = {n} * {h} * {w} + 1")
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise args.fail(
-            _FN, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
+            fn, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
         )
-    oh, ow = args.as_pair(output_size, "output_size", _FN)
     if not args.is_real(spatial_scale) or not 0 < spatial_scale < math.inf:
-        raise args.fail(_FN, f"spatial_scale must be a positive finite number; got {spatial_scale!r}")
+        raise args.fail(fn, f"spatial_scale must be a positive finite number; got {spatial_scale!r}")
     if not args.is_int(sampling_ratio):
-        raise args.fail(_FN, f"sampling_ratio must be an int; got {sampling_ratio!r}")
+        raise args.fail(fn, f"sampling_ratio must be an int; got {sampling_ratio!r}")
     if sampling_ratio > 0 and oh * ow * sampling_ratio**2 > MAX_SAMPLES_PER_ROI:
         largest = math.isqrt(MAX_SAMPLES_PER_ROI // (oh * ow))
         raise args.fail(
-            _FN,
+            fn,
             f"sampling_ratio must be at most {largest} for a {oh}x{ow} output "
             f"(oh * ow * sampling_ratio**2 <= 2**24 samples per RoI); got {sampling_ratio}",
         )
     if not args.is_real(gamma) or not math.isfinite(gamma):
-        raise args.fail(_FN, f"gamma must be a finite number; got {gamma!r}")
+        raise args.fail(fn, f"gamma must be a finite number; got {gamma!r}")
     num_rois = rois.shape[0]
     if offset is not None and offset.shape != (num_rois, oh, ow, 2):
         raise args.fail(
-            _FN, f"offset.shape must be (R, oh, ow, 2) = {(num_rois, oh, ow, 2)}; got {offset.shape}"
+            fn, f"offset.shape must be (R, oh, ow, 2) = {(num_rois, oh, ow, 2)}; got {offset.shape}"
         )
     if mask is not None and mask.shape != (num_rois, oh, ow, 1):
         raise args.fail(
-            _FN, f"mask.shape must be (R, oh, ow, 1) = {(num_rois, oh, ow, 1)}; got {mask.shape}"
+            fn, f"mask.shape must be (R, oh, ow, 1) = {(num_rois, oh, ow, 1)}; got {mask.shape}"
         )
     return oh, ow
+
+
+_PS_FN = "deform_ps_roi_pool"
+
+
+def deform_ps_roi_pool(
+    features: jax.Array,
+    rois: jax.Array,
+    offset: jax.Array | None = None,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> jax.Array:
+    """Deformable position-sensitive RoI pooling (Dai et al. 2017, the R-FCN head).
+
+    Bin ``(i, j)`` of output channel ``c`` averages RoIAlign samples of input
+    channel ``(c * oh + i) * ow + j`` (torchvision's order, moved last), over
+    the bin moved by its offset. With ``offset=None`` this is
+    ``torchvision.ops.ps_roi_align`` with channels last, forward and gradient.
+
+    Args:
+      features: ``(N, H, W, C_out * oh * ow)``.
+      rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]``, as ``deform_roi_pool``
+        (aligned corners; batch index exactly ``-1`` is padding and pools 0,
+        other out-of-range indices pool NaN; no gradient).
+      offset: optional ``(R, oh, ow, 2)`` normalized ``(dy, dx)``: bin ``(i, j)``
+        moves by ``gamma * roi_height * dy`` rows and ``gamma * roi_width * dx``
+        columns.
+      output_size: int or ``(oh, ow)``.
+      spatial_scale, sampling_ratio, gamma: as ``deform_roi_pool`` (adaptive
+        sampling for ``sampling_ratio <= 0``).
+
+    Returns:
+      ``(R, oh, ow, C_out)`` in the promoted dtype of ``features`` and ``offset``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import deform_ps_roi_pool
+      >>> features = jnp.ones((1, 16, 16, 4 * 3 * 3))
+      >>> rois = jnp.array([[0.0, 2.0, 2.0, 10.0, 12.0]])
+      >>> deform_ps_roi_pool(features, rois, output_size=3, sampling_ratio=2).shape
+      (1, 3, 3, 4)
+    """
+    features, rois = jnp.asarray(features), jnp.asarray(rois)
+    offset = None if offset is None else jnp.asarray(offset)
+    oh, ow = _check(features, rois, offset, None, output_size, spatial_scale, sampling_ratio,
+                    gamma, fn=_PS_FN, position_sensitive=True)
+    return _deform_roi_pool(
+        features, rois, offset, None, output_size=(oh, ow), spatial_scale=float(spatial_scale),
+        sampling_ratio=int(sampling_ratio), gamma=float(gamma), position_sensitive=True,
+    )
