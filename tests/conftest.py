@@ -32,3 +32,17 @@ def load_fixture(op, name):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# The longest tests (subprocesses that compile whole models) go first, so that with
+# pytest-xdist both workers stay busy until the end instead of one finishing them alone.
+_LONG_FIRST = ("test_multihost.py", "test_multidevice.py", "test_examples.py", "test_docs.py",
+               "test_nnx.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept

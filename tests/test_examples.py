@@ -30,7 +30,8 @@ def test_quickstart(tmp_path):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_deformable_digits_quick(tmp_path, api):
-    out = run_example("deformable_digits.py", "--quick", "--api", api, "--out", str(tmp_path))
+    out = run_example("deformable_digits.py", "--quick", "--epochs", "1", "--api", api, "--out",
+                      str(tmp_path))
     assert f"API: {api}" in out and "SMOKE RUN (--quick)" in out
     assert "\r" not in out  # no progress bar when not on a terminal
     rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)))

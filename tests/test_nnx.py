@@ -48,8 +48,8 @@ TWINS = {
         (X, ROIS),
     ),
     "ASPP": (
-        lambda: deformjax.ASPP(features=8, rates=(2, 3), dropout_rate=0.0),
-        lambda: djnnx.ASPP(4, features=8, rates=(2, 3), dropout_rate=0.0, rngs=nnx.Rngs(1)),
+        lambda: deformjax.ASPP(features=8, rates=(2,), dropout_rate=0.0),
+        lambda: djnnx.ASPP(4, features=8, rates=(2,), dropout_rate=0.0, rngs=nnx.Rngs(1)),
         (X,),
     ),
 }
