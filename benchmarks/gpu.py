@@ -21,8 +21,7 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,9 @@ import numpy as np
 from jax import lax
 
 from deformjax import deform_conv
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench import interleaved  # noqa: E402  (the same timing discipline as the CPU benchmark)
 
 # name: (N, H, W, C_in, C_out, offset_groups, feature_group_count)
 SHAPES = {
@@ -50,15 +52,8 @@ def smoke_shape(shape):
 
 
 def median_ms(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    """bench.py's interleaved medians, in milliseconds."""
+    return {name: 1e3 * seconds for name, seconds in interleaved(fns, repeats).items()}
 
 
 def case(shape, dtype, repeats, torch_cuda):

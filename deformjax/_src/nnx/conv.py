@@ -55,14 +55,18 @@ def _configure(module, given: dict) -> layers.ConvSpec:
     return spec
 
 
-def _check_inputs(module, inputs: jax.Array):
-    name = type(module).__name__
-    inputs, batch = layers.flatten_batch(name, jnp.asarray(inputs))
-    if inputs.shape[-1] != module.in_features:
+def check_in_features(module: nnx.Module, argument: str, array: jax.Array) -> None:
+    """Raises unless ``array``'s channels are the ``in_features`` the module was built for."""
+    if array.shape[-1] != module.in_features:
         raise ValueError(
-            f"{name}: inputs.shape[-1] must be in_features = {module.in_features}; "
-            f"got {inputs.shape[-1]}"
+            f"{type(module).__name__}: {argument}.shape[-1] must be in_features = "
+            f"{module.in_features}; got {array.shape[-1]}"
         )
+
+
+def _check_inputs(module, inputs: jax.Array):
+    inputs, batch = layers.flatten_batch(type(module).__name__, jnp.asarray(inputs))
+    check_in_features(module, "inputs", inputs)
     return inputs, batch
 
 

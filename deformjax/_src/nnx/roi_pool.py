@@ -11,17 +11,12 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from deformjax._src import layers
-from deformjax._src.nnx.conv import sow_if_captured
+from deformjax._src.nnx.conv import check_in_features, sow_if_captured
 
 
 def _check_inputs(module, features: Any, rois: Any) -> tuple[jax.Array, jax.Array]:
-    fn = type(module).__name__
-    features, rois = layers.check_roi_inputs(fn, features, rois)
-    if features.shape[-1] != module.in_features:
-        raise ValueError(
-            f"{fn}: features.shape[-1] must be in_features = {module.in_features}; "
-            f"got {features.shape[-1]}"
-        )
+    features, rois = layers.check_roi_inputs(type(module).__name__, features, rois)
+    check_in_features(module, "features", features)
     return features, rois
 
 
