@@ -7,7 +7,7 @@ twice, with the same parameters: linen (``deformjax.DeformConv``, also
 the README.
 """
 
-from deformjax import linen, nnx
+from deformjax import linen as linen, nnx as nnx  # the two front-ends, as submodules
 from deformjax._src.linen.aspp import ASPP
 from deformjax._src.linen.conv import DeformConv, DilatedConv
 from deformjax._src.linen.roi_pool import DeformPSRoIPool, DeformRoIPool

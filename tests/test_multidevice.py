@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).parents[1]
 

@@ -77,15 +77,15 @@ class DeformRoIPool(nn.Module):
                                     deform_fc_channels=self.deform_fc_channels,
                                     modulated=self.modulated)
 
-        def weights(specs):
+        def weights(specs):  # the last layer of each branch starts at zero
             zeros = nn.initializers.zeros_init()
-            return [
-                _Weights((fan_in, fan_out), (fan_out,), self.param_dtype,
-                         zeros if last else self.kernel_init, zeros if last else self.bias_init,
-                         name=name)()
-                for last, (name, fan_in, fan_out) in ((i == len(specs) - 1, s)
-                                                      for i, s in enumerate(specs))
-            ]
+            params = []
+            for i, (name, fan_in, fan_out) in enumerate(specs):
+                last = i == len(specs) - 1
+                params.append(_Weights((fan_in, fan_out), (fan_out,), self.param_dtype,
+                                       zeros if last else self.kernel_init,
+                                       zeros if last else self.bias_init, name=name)())
+            return params
 
         out, offset, mask = layers.deform_roi_pool_layer(
             spec, features, rois, weights(spec.offset_layers), weights(spec.mask_layers),
