@@ -1,4 +1,4 @@
-"""deform_conv on whatever accelerator JAX sees, against lax.conv (cuDNN) and torchvision.
+"""deform_conv and dcnv3 on whatever accelerator JAX sees, against lax.conv (cuDNN) and torchvision.
 
     python benchmarks/gpu.py                      # the real-model shapes, GPU batch sizes
     python benchmarks/gpu.py --smoke              # tiny sizes, a few seconds on a CPU
@@ -12,7 +12,14 @@ cuDNN on NVIDIA GPUs), and, when torch with CUDA is importable, torchvision's
 deform_conv2d (float32 only: it has no bfloat16). Each comparison is timed
 interleaved (ours, peer, ours, peer, ...) after a warm-up; figures are medians in
 milliseconds. deformjax runs with the chunk policy of the backend it is lowered
-for (one chunk on accelerators). Writes JSON (--out).
+for (one chunk on accelerators).
+
+Then ``dcnv3`` at InternImage-T's stage shapes (bench_dcnv3.py's, batch times
+--batch-scale), float32 and bfloat16, forward and forward+backward (gradients
+of x, offset and mask), against a depthwise 3x3 ``lax.conv`` of the same size
+(the lower bound) and, in float32 when torch with CUDA is importable, the same
+aggregation through torchvision's ``deform_conv2d`` with an all-ones depthwise
+kernel. Writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from deformjax import deform_conv
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench import interleaved  # noqa: E402  (the same timing discipline as the CPU benchmark)
+import bench_dcnv3  # noqa: E402
+from deformjax import dcnv3  # noqa: E402
 
 # name: (N, H, W, C_in, C_out, offset_groups, feature_group_count)
 SHAPES = {
@@ -118,10 +127,68 @@ def case(shape, dtype, repeats, torch_cuda):
     return result
 
 
+def dcnv3_case(shape, dtype, repeats, torch_cuda):
+    n, h, w, c, g = shape
+    x, offset, mask = bench_dcnv3.inputs(shape)
+    xj, oj, mj = (jnp.asarray(a, dtype) for a in (x, offset, mask))
+    kernel = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 1, c)), dtype)
+
+    def ours(x, offset, mask):
+        return dcnv3(x, offset, mask, kernel_size=3, padding=1, groups=g)
+
+    def depthwise(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=c)
+
+    def loss(fn):
+        return lambda *a: (fn(*a).astype(jnp.float32) ** 2).sum()
+
+    fwd, bwd = jax.jit(ours), jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))
+    dw_fwd, dw_bwd = jax.jit(depthwise), jax.jit(jax.grad(loss(depthwise), argnums=(0, 1)))
+    run = jax.block_until_ready
+    result = {}
+    result.update(median_ms({"deformjax_fwd": lambda: run(fwd(xj, oj, mj)),
+                             "depthwise_conv_fwd": lambda: run(dw_fwd(xj, kernel))}, repeats))
+    result.update(median_ms({"deformjax_fwd_bwd": lambda: run(bwd(xj, oj, mj)),
+                             "depthwise_conv_fwd_bwd": lambda: run(dw_bwd(xj, kernel))},
+                            repeats))
+    if torch_cuda is not None and dtype == jnp.float32:
+        torch, torchvision = torch_cuda
+        tx, to, tm = (torch.tensor(a, device="cuda", requires_grad=True)
+                      for a in bench_dcnv3.to_torchvision(x, offset, mask, g))
+        ones = torch.ones(c, 1, 3, 3, device="cuda")
+
+        def tv_out():
+            return torchvision.ops.deform_conv2d(tx, to, ones, padding=1, mask=tm)
+
+        def torch_fwd():
+            with torch.no_grad():
+                tv_out()
+            torch.cuda.synchronize()
+
+        def torch_fwd_bwd():
+            torch.autograd.grad((tv_out() ** 2).sum(), (tx, to, tm))
+            torch.cuda.synchronize()
+
+        pair = median_ms({"ours": lambda: run(fwd(xj, oj, mj)),
+                          "torchvision_fwd": torch_fwd}, repeats)
+        result["torchvision_fwd"] = pair["torchvision_fwd"]
+        pair = median_ms({"ours": lambda: run(bwd(xj, oj, mj)),
+                          "torchvision_fwd_bwd": torch_fwd_bwd}, repeats)
+        result["torchvision_fwd_bwd"] = pair["torchvision_fwd_bwd"]
+    result["fwd_ratio_vs_depthwise"] = result["deformjax_fwd"] / result["depthwise_conv_fwd"]
+    result["fwd_bwd_ratio_vs_depthwise"] = (result["deformjax_fwd_bwd"]
+                                            / result["depthwise_conv_fwd_bwd"])
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CPU test)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dcnv3-stages", nargs="*", default=list(bench_dcnv3.STAGES),
+                        choices=list(bench_dcnv3.STAGES), help="none: skip DCNv3")
     parser.add_argument("--batch-scale", type=int, default=None,
                         help="multiply every batch (default 8 on an accelerator, 1 on a CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (2 with --smoke)")
@@ -163,6 +230,23 @@ def main(argv=None):
                   f"{r['lax_conv_fwd']:>9.2f}{r['fwd_ratio_vs_lax_conv']:>7.2f}"
                   f"{r['deformjax_fwd_bwd']:>9.2f}{r['lax_conv_fwd_bwd']:>9.2f}"
                   f"{r['fwd_bwd_ratio_vs_lax_conv']:>7.2f}{tv}", flush=True)
+    if opts.dcnv3_stages:
+        print(f"\n{'dcnv3':<14}{'dtype':<10}{'dj fwd':>9}{'dw conv':>9}{'ratio':>7}"
+              f"{'dj f+b':>9}{'dw conv':>9}{'ratio':>7}{'tv fwd':>9}{'tv f+b':>9}")
+    for name in opts.dcnv3_stages:
+        n, h, w, c, g = bench_dcnv3.STAGES[name]
+        if opts.smoke:
+            n, h, w, c, g = 1, max(4, h // 8), max(4, w // 8), c // 4, g
+        shape = (n * scale, h, w, c, g)
+        for dtype in (jnp.float32, jnp.bfloat16):
+            r = dcnv3_case(shape, dtype, repeats, torch_cuda)
+            report["results"][f"dcnv3_{name}/{jnp.dtype(dtype).name}"] = {"shape": shape, **r}
+            tv = "".join(f"{r[k]:>9.2f}" if k in r else f"{'-':>9}"
+                         for k in ("torchvision_fwd", "torchvision_fwd_bwd"))
+            print(f"{name:<14}{jnp.dtype(dtype).name:<10}{r['deformjax_fwd']:>9.2f}"
+                  f"{r['depthwise_conv_fwd']:>9.2f}{r['fwd_ratio_vs_depthwise']:>7.2f}"
+                  f"{r['deformjax_fwd_bwd']:>9.2f}{r['depthwise_conv_fwd_bwd']:>9.2f}"
+                  f"{r['fwd_bwd_ratio_vs_depthwise']:>7.2f}{tv}", flush=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {opts.out}")

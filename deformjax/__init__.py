@@ -10,7 +10,9 @@ the README.
 from deformjax import linen as linen, nnx as nnx  # the two front-ends, as submodules
 from deformjax._src.linen.aspp import ASPP
 from deformjax._src.linen.conv import DeformConv, DilatedConv
+from deformjax._src.linen.dcnv3 import DCNv3
 from deformjax._src.linen.roi_pool import DeformPSRoIPool, DeformRoIPool
+from deformjax._src.ops.dcnv3 import dcnv3
 from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
@@ -21,11 +23,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASPP",
+    "DCNv3",
     "DeformConv",
     "DeformPSRoIPool",
     "DeformRoIPool",
     "DilatedConv",
     "LayerGeometry",
+    "dcnv3",
     "deform_conv",
     "deform_ps_roi_pool",
     "deform_roi_pool",

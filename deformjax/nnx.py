@@ -1,4 +1,4 @@
-"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``, ``DeformPSRoIPool``.
+"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``, ``DeformPSRoIPool``, ``DCNv3``.
 
 Native ``flax.nnx`` twins of the linen modules (``deformjax.<Name>``), built
 the NNX way (``in_features`` first, ``rngs=``), with the same parameter names,
@@ -27,10 +27,12 @@ from flax import nnx
 
 from deformjax._src.nnx.aspp import ASPP
 from deformjax._src.nnx.conv import DeformConv, DilatedConv
+from deformjax._src.nnx.dcnv3 import DCNv3
 from deformjax._src.nnx.roi_pool import DeformPSRoIPool, DeformRoIPool
 
 __all__ = [
     "ASPP",
+    "DCNv3",
     "DeformConv",
     "DeformPSRoIPool",
     "DeformRoIPool",

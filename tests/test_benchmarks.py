@@ -13,7 +13,7 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--no-torch",
-         "--shapes", "small", "depthwise_g4", "--out", str(out)],
+         "--shapes", "small", "depthwise_g4", "--dcnv3-stages", "stage4", "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300,
     )
@@ -21,7 +21,12 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["smoke"] and report["device"].startswith("cpu")
     assert set(report["results"]) == {"small/float32", "small/bfloat16",
-                                      "depthwise_g4/float32", "depthwise_g4/bfloat16"}
-    for figures in report["results"].values():
+                                      "depthwise_g4/float32", "depthwise_g4/bfloat16",
+                                      "dcnv3_stage4/float32", "dcnv3_stage4/bfloat16"}
+    for name, figures in report["results"].items():
+        if name.startswith("dcnv3"):
+            assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
+                                                "depthwise_conv_fwd", "depthwise_conv_fwd_bwd"))
+            continue
         assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
                                             "lax_conv_fwd", "lax_conv_fwd_bwd"))

@@ -57,3 +57,12 @@ def test_roi_pooling_quick(tmp_path):
     moved = float(re.search(r"mean \|gamma \* offset\| = ([\d.]+)", out).group(1))
     assert moved > 0  # the zero-initialised offset branch learned to move the bins
     assert (tmp_path / "deformed_rois.png").stat().st_size > 10_000
+
+
+def test_dcnv3_block_quick(tmp_path):
+    out = run_example("dcnv3_block.py", "--quick", "--out", str(tmp_path))
+    assert "SMOKE RUN (--quick)" in out
+    accuracy = float(re.search(r"DCNv3 network: [\d,]+ parameters, test accuracy ([\d.]+)",
+                               out).group(1))
+    assert 0.0 <= accuracy <= 1.0
+    assert (tmp_path / "dcnv3_points.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from deformjax._src import args, geometry
+from deformjax._src.ops import dcnv3 as dcnv3_op
 from deformjax._src.ops.deform_conv import deform_conv
 from deformjax._src.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 from deformjax._src.ops.dilated_conv import dilated_conv
@@ -310,3 +311,149 @@ def deform_ps_roi_pool_layer(
     offset = deform_ps_roi_pool(field, rois, **kw)
     (x,) = promote_dtype(features, dtype=dtype)
     return deform_ps_roi_pool(x, rois, offset.astype(x.dtype), **kw), offset
+
+
+# ----------------------------------------------------------------- DCNv3
+
+
+def _uniform(bound: float):
+    """Uniform in ``+-bound``: PyTorch's default ``Conv2d`` initialisation of kernel and
+    bias with ``bound = 1 / sqrt(fan_in)`` (its ``kaiming_uniform_(a=sqrt(5))``)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class DCNv3Spec(NamedTuple):
+    """``DCNv3``'s static settings, checked."""
+
+    channels: int
+    kernel_size: tuple[int, int]
+    dw_kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_scale: float
+    center_feature_scale: bool
+    remove_center: bool
+
+    @property
+    def points(self) -> int:
+        """``P``: the sampling points of one group."""
+        return self.kernel_size[0] * self.kernel_size[1] - int(self.remove_center)
+
+    def params(self) -> dict[str, dict[str, tuple[tuple[int, ...], Any]]]:
+        """``{layer: {parameter: (shape, initializer)}}``, InternImage's initialisation:
+        xavier-uniform projections, PyTorch's default for the depthwise convolution,
+        zero offset / mask / centre-scale layers, LayerNorm scale 1 and shift 0."""
+        c, g, p = self.channels, self.groups, self.points
+        kh, kw = self.dw_kernel_size
+        zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
+        xavier = jax.nn.initializers.xavier_uniform()
+        bound = 1 / math.sqrt(kh * kw)  # fan_in of a depthwise kernel
+        table = {
+            "input_proj": {"kernel": ((c, c), xavier), "bias": ((c,), zeros)},
+            "dw_conv": {"kernel": ((kh, kw, 1, c), _uniform(bound)),
+                        "bias": ((c,), _uniform(bound))},
+            "dw_norm": {"scale": ((c,), ones), "bias": ((c,), zeros)},
+            "offset": {"kernel": ((c, g * p * 2), zeros), "bias": ((g * p * 2,), zeros)},
+            "mask": {"kernel": ((c, g * p), zeros), "bias": ((g * p,), zeros)},
+            "output_proj": {"kernel": ((c, c), xavier), "bias": ((c,), zeros)},
+        }
+        if self.center_feature_scale:
+            table["center_feature_scale_proj"] = {"kernel": ((c, g), zeros),
+                                                  "bias": ((g,), zeros)}
+        return table
+
+
+def dcnv3_spec(fn: str, *, channels: Any, kernel_size: Any, dw_kernel_size: Any, strides: Any,
+               padding: Any, dilation: Any, groups: Any, offset_scale: Any,
+               center_feature_scale: Any, remove_center: Any) -> DCNv3Spec:
+    """Checks ``DCNv3``'s settings (the core op's rules, and an output as large as the
+    input, since the offsets are predicted at the input's positions)."""
+    channels = args.check_positive_int(fn, "channels", channels)
+    kernel_size = args.as_pair(kernel_size, "kernel_size", fn)
+    dw_kernel_size = args.as_pair(kernel_size if dw_kernel_size is None else dw_kernel_size,
+                                  "dw_kernel_size", fn)
+    strides = args.as_pair(strides, "strides", fn)
+    padding = args.as_pair(padding, "padding", fn, minimum=0)
+    dilation = args.as_pair(dilation, "dilation", fn)
+    groups = args.check_positive_int(fn, "groups", groups)
+    if channels % groups:
+        raise args.fail(fn, f"groups must divide channels; got channels {channels} and "
+                        f"groups {groups}")
+    if any(k % 2 == 0 for k in dw_kernel_size):
+        raise args.fail(fn, f"dw_kernel_size must be odd (the depthwise convolution keeps the "
+                        f"size); got {dw_kernel_size}")
+    if strides != (1, 1) or any(2 * p != d * (k - 1)
+                                for p, d, k in zip(padding, dilation, kernel_size)):
+        raise args.fail(
+            fn,
+            "the output must be as large as the input (offsets are predicted at every input "
+            "position): needs strides 1 and 2 * padding == dilation * (kernel_size - 1) on "
+            f"each axis; got kernel_size {kernel_size}, strides {strides}, padding {padding}, "
+            f"dilation {dilation}",
+        )
+    spec = dcnv3_op.check_settings(kernel_size=kernel_size, strides=strides, padding=padding,
+                                   dilation=dilation, groups=groups, offset_scale=offset_scale,
+                                   remove_center=remove_center, fn=fn)
+    return DCNv3Spec(channels, kernel_size, dw_kernel_size, strides, padding, dilation, groups,
+                     float(offset_scale), bool(center_feature_scale), spec["remove_center"])
+
+
+def dcnv3_layer(
+    spec: DCNv3Spec,
+    inputs: jax.Array,
+    params: dict[str, dict[str, jax.Array]],
+    *,
+    dtype: Any = None,
+    precision: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``DCNv3``: InternImage's layer (``DCNv3_pytorch``) on ``inputs`` ``(N, H, W, C)``.
+
+    ``xp = input_proj(x)``; ``x1 = GELU(LayerNorm(dw_conv(x)))`` (depthwise,
+    from the raw input); offsets ``offset(x1)`` and a mask ``softmax`` over each
+    group's ``P`` points of ``mask(x1)``; ``y = dcnv3(xp, offsets, mask)``; with
+    centre-feature scaling ``s = sigmoid(center_feature_scale_proj(x1))`` per
+    group and ``y = y * (1 - s) + xp * s``; then ``output_proj(y)``.
+
+    Returns:
+      ``(out, offset, mask)``: ``(N, H, W, C)``, ``(N, H, W, G * P * 2)`` and
+      ``(N, H, W, G * P)`` in ``dcnv3``'s layout.
+    """
+    leaves, tree = jax.tree.flatten(params)
+    x, *leaves = promote_dtype(inputs, *leaves, dtype=dtype)
+    p = jax.tree.unflatten(tree, leaves)
+    n, h, w, c = x.shape
+    g, points = spec.groups, spec.points
+
+    def dense(y, name):
+        return _dense(y, p[name]["kernel"], p[name]["bias"], None, precision)
+
+    xp = dense(x, "input_proj")
+    kh, kw = spec.dw_kernel_size
+    x1 = lax.conv_general_dilated(
+        x, p["dw_conv"]["kernel"], (1, 1), (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2),
+        dimension_numbers=_NHWC, feature_group_count=c, precision=precision,
+    ) + p["dw_conv"]["bias"]
+    mean = x1.mean(axis=-1, keepdims=True)
+    var = jnp.square(x1 - mean).mean(axis=-1, keepdims=True)  # biased, as torch's LayerNorm
+    x1 = (x1 - mean) * lax.rsqrt(var + DCNV3_LAYERNORM_EPS) * p["dw_norm"]["scale"]
+    x1 = jax.nn.gelu(x1 + p["dw_norm"]["bias"], approximate=False)
+    offset = dense(x1, "offset")
+    mask = jax.nn.softmax(dense(x1, "mask").reshape(n, h, w, g, points), axis=-1)
+    mask = mask.reshape(n, h, w, g * points)
+    y = dcnv3_op.dcnv3(xp, offset, mask, kernel_size=spec.kernel_size, strides=spec.strides,
+                       padding=spec.padding, dilation=spec.dilation, groups=g,
+                       offset_scale=spec.offset_scale, remove_center=spec.remove_center)
+    if spec.center_feature_scale:
+        s = jax.nn.sigmoid(dense(x1, "center_feature_scale_proj"))  # (N, H, W, G)
+        s = jnp.repeat(s, c // g, axis=-1)
+        y = y * (1 - s) + xp * s
+    return dense(y, "output_proj"), offset, mask
+
+
+DCNV3_LAYERNORM_EPS = 1e-6

@@ -74,7 +74,7 @@ def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
     return None if count == 1 else -(-rows // count)
 
 
-def _per_platform(fn, chunk, *operands):
+def per_platform(fn, chunk, *operands):
     """``fn(chunk, *operands)`` on a CPU, ``fn(None, *operands)`` elsewhere."""
     if chunk is None:
         return fn(None, *operands)
@@ -131,7 +131,7 @@ def sampled_matmul(spec: Spec, image, index, weights, kmat) -> jax.Array:
     Returns:
       ``(M, C_out)`` in ``spec.acc_dtype``.
     """
-    return _per_platform(functools.partial(_primal, spec), spec.primal_chunk,
+    return per_platform(functools.partial(_primal, spec), spec.primal_chunk,
                          image, index, weights, kmat)
 
 
@@ -194,7 +194,7 @@ def _sampled_matmul_jvp(spec, primals, tangents):
         t_out = lax.map(lambda a: fn(*a), chunked)
         return t_out.reshape(count * chunk, spec.c_out)[:rows]
 
-    return out, _per_platform(tangent, spec.tangent_chunk, index, weights, d_weights)
+    return out, per_platform(tangent, spec.tangent_chunk, index, weights, d_weights)
 
 
 sampled_matmul.defjvp(_sampled_matmul_jvp, symbolic_zeros=True)
