@@ -10,7 +10,7 @@ for a few test images, where the last DCNv3 layer's points sample (each group
 in its own colour) for the position that responds most, beside the regular
 3x3 grid a fresh layer samples.
 
-    python examples/dcnv3_block.py            # default run, about four minutes on 2 cores
+    python examples/dcnv3_block.py            # default run, about six minutes on 2 cores
     python examples/dcnv3_block.py --quick    # a smoke run
 """
 

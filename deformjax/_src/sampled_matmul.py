@@ -165,7 +165,10 @@ def _sampled_matmul_jvp(spec, primals, tangents):
             # No guard here: its transpose, the scatter into the image's
             # cotangent, must stay visible to XLA, which then accumulates it in
             # place across chunks instead of adding a full-size array per chunk.
-            t_cols = sampling.gather(d_image, index, weights)
+            # In the weights' dtype (float32 at least): its transpose then
+            # accumulates the image's cotangent in float32, not bfloat16 (more
+            # exact, and 3-4x faster on a GPU, measured on an H200).
+            t_cols = sampling.gather(d_image.astype(weights.dtype), index, weights)
         if has_weights:
             t = sampling.weighted_rows(image, index, d_weights, guard=guard)
             t_cols = t if t_cols is None else t_cols + t

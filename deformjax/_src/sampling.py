@@ -238,7 +238,10 @@ def _gather_jvp(skip_zero_weights, primals, tangents):
         # (and the zero row needs no skipping).
         zero_row = image.shape[0] - 1
         reads = _reads(weights) if skip_zero_weights else jnp.ones(weights.shape, bool)
-        t_out = _gather(d_image, jnp.where(reads, index, zero_row), weights, None, False)
+        # d_image in the weights' dtype (float32 at least), so that the transpose,
+        # a scatter-add into the image's cotangent, accumulates in float32.
+        t_out = _gather(d_image.astype(weights.dtype), jnp.where(reads, index, zero_row),
+                        weights, None, False)
     if not isinstance(d_weights, SymbolicZero):
         # The real corner rows: at an integer coordinate the far corner has
         # weight 0 but not derivative 0. (A choice of rows that depended on
