@@ -17,6 +17,10 @@ MODULES = [
     "deformjax._src.nnx.conv",
     "deformjax._src.nnx.roi_pool",
     "deformjax._src.nnx.aspp",
+    "deformjax._src.ops.dcnv3",
+    "deformjax._src.linen.dcnv3",
+    "deformjax._src.nnx.dcnv3",
+    "deformjax._src.models.resnet",
 ]
 
 
@@ -31,9 +35,13 @@ def test_docstring_examples(name):
 
 def test_public_api():
     import deformjax
+    import deformjax.interop
+    import deformjax.models
+    import deformjax.nnx
 
-    for name in deformjax.__all__:
-        assert getattr(deformjax, name).__doc__, name
+    for module in (deformjax, deformjax.nnx, deformjax.models, deformjax.interop):
+        for name in module.__all__:
+            assert getattr(module, name).__doc__, f"{module.__name__}.{name}"
 
 
 def test_readme_python_blocks_run():

@@ -66,3 +66,24 @@ def test_dcnv3_block_quick(tmp_path):
                                out).group(1))
     assert 0.0 <= accuracy <= 1.0
     assert (tmp_path / "dcnv3_points.png").stat().st_size > 10_000
+
+
+def test_dcn_resnet_quick_from_a_safetensors_checkpoint(tmp_path):
+    """The example loads a torchvision-format .safetensors file (the narrow ResNet-18 of
+    the interop fixtures) into its deformable backbone and runs a few steps."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    with np.load(ROOT / "tests" / "fixtures" / "interop" / "resnet18_frozen.npz") as z:
+        weights = {k[len("state."):]: z[k] for k in z.files if k.startswith("state.")}
+    save_file(weights, str(tmp_path / "r18.safetensors"))
+    out = run_example("dcn_resnet.py", "--checkpoint", str(tmp_path / "r18.safetensors"),
+                      "--depth", "18", "--width", "8", "--size", "64", "--quick", "--out",
+                      str(tmp_path))
+    assert f"loaded {len(weights) - 2} tensors" in out  # all but fc.weight, fc.bias
+    diff, scale = (float(v) for v in re.search(
+        r"step 0: C5 equals the plain ResNet with conv2 of c3-c5 halved .*: max \|diff\| "
+        r"([\d.e+-]+) \(max \|C5\| ([\d.]+)\)", out).groups())
+    assert diff <= 1e-5 * scale, out
+    assert "SMOKE RUN (--quick)" in out
+    assert (tmp_path / "dcn_resnet_sampling.png").stat().st_size > 10_000
