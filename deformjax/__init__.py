@@ -14,7 +14,11 @@ from deformjax._src.linen.dcnv3 import DCNv3
 from deformjax._src.linen.roi_pool import DeformPSRoIPool, DeformRoIPool
 from deformjax._src.ops.dcnv3 import dcnv3
 from deformjax._src.ops.deform_conv import deform_conv
-from deformjax._src.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
+from deformjax._src.ops.deform_roi_pool import (
+    deform_ps_roi_pool,
+    deform_roi_pool,
+    multi_level_deform_roi_pool,
+)
 from deformjax._src.ops.dilated_conv import dilated_conv
 from deformjax._src.tools.locations import LayerGeometry, layer_geometry, sampling_locations
 from deformjax._src.tools.receptive_field import effective_receptive_field, receptive_field
@@ -36,6 +40,7 @@ __all__ = [
     "dilated_conv",
     "effective_receptive_field",
     "layer_geometry",
+    "multi_level_deform_roi_pool",
     "receptive_field",
     "sampling_locations",
 ]

@@ -1,4 +1,5 @@
-"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``, ``DeformPSRoIPool``, ``DCNv3``.
+"""Flax NNX modules: ``DeformConv``, ``DilatedConv``, ``ASPP``, ``DeformRoIPool``,
+``DeformPSRoIPool``, ``DCNv3``, and the model ``ResNet`` (with ``FrozenBatchNorm``).
 
 Native ``flax.nnx`` twins of the linen modules (``deformjax.<Name>``), built
 the NNX way (``in_features`` first, ``rngs=``), with the same parameter names,
@@ -28,6 +29,7 @@ from flax import nnx
 from deformjax._src.nnx.aspp import ASPP
 from deformjax._src.nnx.conv import DeformConv, DilatedConv
 from deformjax._src.nnx.dcnv3 import DCNv3
+from deformjax._src.nnx.resnet import FrozenBatchNorm, ResNet
 from deformjax._src.nnx.roi_pool import DeformPSRoIPool, DeformRoIPool
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "DeformPSRoIPool",
     "DeformRoIPool",
     "DilatedConv",
+    "FrozenBatchNorm",
+    "ResNet",
     "from_linen",
     "to_linen",
 ]

@@ -166,7 +166,7 @@ def main(argv=None):
     backbone = ResNet(opts.depth, stage_with_dcn=DCN_STAGES, dcn_modulated=modulated,
                       norm="frozen", width=opts.width)
     model = Classifier(backbone)
-    variables = model.init(jax.random.key(opts.seed), rgb_train[:1])
+    variables = jax.jit(model.init)(jax.random.key(opts.seed), rgb_train[:1])
     backbone_vars = {"params": variables["params"]["backbone"],
                      "batch_stats": variables["batch_stats"]["backbone"]}
     if opts.checkpoint:

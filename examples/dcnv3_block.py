@@ -21,6 +21,7 @@ import pathlib
 import time
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from deformable_digits import CANVAS, count_params, linen_trainer, make_data, train
@@ -72,7 +73,8 @@ def points_of(offsets, masks, groups, position):
 def draw(model, params, images, out_dir):
     from matplotlib.figure import Figure
 
-    _, state = model.apply({"params": params}, images, mutable="intermediates")
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable="intermediates"))
+    _, state = apply(params, images)
     name = f"stage_{len(STAGES) - 1}_block_{STAGES[-1][2] - 1}"
     inter = state["intermediates"][name]["dcn"]
     offsets, masks = inter["offsets"][0], inter["masks"][0]

@@ -133,7 +133,7 @@ def train_step(model, tx):
 
 def linen_trainer(model, x_first, steps, seed):
     """(state, step, predict, parameters) for a linen model: state is (params, opt_state)."""
-    params = model.init(jax.random.key(seed), x_first)["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), x_first)["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
     update = jax.jit(train_step(model, tx))
 

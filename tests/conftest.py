@@ -37,7 +37,7 @@ def rng():
 # The longest tests (subprocesses that compile whole models) go first, so that with
 # pytest-xdist both workers stay busy until the end instead of one finishing them alone.
 _LONG_FIRST = ("test_multihost.py", "test_multidevice.py", "test_examples.py", "test_docs.py",
-               "test_nnx.py")
+               "test_nnx.py", "test_dcnv3.py", "test_interop.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,10 +37,11 @@ def test_core_matches_internimage_reference(name):
     kw = core_kwargs(meta)
 
     def loss(x, offset, mask):
-        return (dcnv3(x, offset, mask, **kw) * a["cotangent"]).sum()
+        out = dcnv3(x, offset, mask, **kw)
+        return (out * a["cotangent"]).sum(), out
 
-    out = dcnv3(a["x"], a["offset"], a["mask"], **kw)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(a["x"], a["offset"], a["mask"])
+    run = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    grads, out = run(a["x"], a["offset"], a["mask"])
     np.testing.assert_allclose(out, a["out"], rtol=0, atol=1e-10)
     for got, key in zip(grads, ("grad_x", "grad_offset", "grad_mask")):
         np.testing.assert_allclose(got, a[key], rtol=0, atol=1e-10, err_msg=key)
@@ -255,6 +256,8 @@ def test_layer_matches_internimage_linen_and_nnx(name):
             want = want[key.key]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=str(path))
 
+    if name != "module_remove_center":  # the NNX twin (the same recipe) on the richest one
+        return
     twin = djnnx.DCNv3(meta["channels"], param_dtype=jnp.float64, rngs=nnx.Rngs(0),
                        **layer_kwargs(meta))
     djnnx.from_linen(twin, {"params": params})

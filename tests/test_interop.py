@@ -154,3 +154,23 @@ def test_resnet_errors():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             ResNet(**kwargs).init(jax.random.key(0), jnp.ones((1, 32, 32, 3), jnp.float32))
+
+
+def test_nnx_resnet_twin_holds_the_same_variables():
+    """torch weights -> linen variables -> the NNX twin (from_linen): the same logits."""
+    import deformjax.nnx as djnnx
+    from flax import nnx
+
+    a, meta = load_fixture("interop", "resnet18_frozen")
+    kw = dict(norm=meta["norm"], width=meta["width"], num_classes=meta["num_classes"])
+    x = jnp.asarray(a["x"], jnp.float32)
+    shapes = jax.eval_shape(ResNet(meta["depth"], **kw).init, jax.random.key(0), x[:1])
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
+    loaded = load_torch_state_dict(shapes, state(a))
+    twin = djnnx.ResNet(meta["depth"], rngs=nnx.Rngs(0), **kw)
+    djnnx.from_linen(twin, loaded)
+    twin.eval()  # (frozen batch norm has no training mode; batch norm would need this)
+    logits = nnx.jit(lambda m, x: m(x))(twin, x)
+    np.testing.assert_allclose(logits, a["logits"], rtol=0, atol=1e-4 * np.abs(a["logits"]).max())
+    back = djnnx.to_linen(twin)
+    assert jax.tree.map(jnp.shape, back) == jax.tree.map(jnp.shape, loaded)

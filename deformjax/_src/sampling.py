@@ -96,6 +96,7 @@ def locate(
     groups: int = 1,
     group: jax.Array | int = 0,
     reads: jax.Array | None = None,
+    first_row: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """The four corner rows of each sample and their bilinear weights.
 
@@ -117,19 +118,25 @@ def locate(
       reads: optional boolean per point, broadcastable to ``S``; where false
         the point reads only the zero row (its sample is 0, or NaN when its
         weights are).
+      first_row: optional row of the image's first pixel, per point
+        (broadcastable to ``S``), for several images stacked in one matrix
+        (FPN levels); ``size`` may then be per point too.
 
     Returns:
       ``(index, weights)``: int32 and float ``S + (4,)``, the corners ordered
       ``(r, c), (r, c + 1), (r + 1, c), (r + 1, c + 1)``.
     """
     height, width = size
+    # Per-point sizes (arrays) take part in float and in integer arithmetic alike.
+    height_f, width_f = (v if isinstance(v, int) else jnp.asarray(v, y.dtype) for v in size)
+    height, width = (v if isinstance(v, int) else jnp.asarray(v, jnp.int32) for v in size)
     nan = jnp.isnan(y) | jnp.isnan(x)
     # NaN coordinates are replaced before any arithmetic, so that the
     # derivatives of the replaced branch are 0, never NaN * 0.
     y = jnp.where(nan, _LOW, y)
     x = jnp.where(nan, _LOW, x)
-    y_low, y_high, fy, iy_low, iy_high = _axis(y, height, mode)
-    x_low, x_high, fx, ix_low, ix_high = _axis(x, width, mode)
+    y_low, y_high, fy, iy_low, iy_high = _axis(y, height_f, mode)
+    x_low, x_high, fx, ix_low, ix_high = _axis(x, width_f, mode)
     gy, gx = 1 - fy, 1 - fx
     inside = jnp.stack(
         [iy_low & ix_low, iy_low & ix_high, iy_high & ix_low, iy_high & ix_high], axis=-1
@@ -143,7 +150,7 @@ def locate(
     group = jnp.asarray(group, jnp.int32)
 
     def row(r, c):
-        return ((base + r) * width + c) * groups + group
+        return ((base + r) * width + c) * groups + group + first_row
 
     index = jnp.stack(
         [row(y_low, x_low), row(y_low, x_high), row(y_high, x_low), row(y_high, x_high)],

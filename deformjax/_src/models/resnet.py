@@ -62,11 +62,16 @@ class FrozenBatchNorm(nn.Module):
         c = x.shape[-1]
         stat = lambda name, init: self.variable(  # noqa: E731
             "batch_stats", name, init, (c,), self.param_dtype).value
-        scale, bias = stat("scale", jnp.ones), stat("bias", jnp.zeros)
-        mean, var = stat("mean", jnp.zeros), stat("var", jnp.ones)
-        factor = scale * jax.lax.rsqrt(var + self.epsilon)
-        dtype = self.dtype or jnp.result_type(x, factor)
-        return (x * factor + (bias - mean * factor)).astype(dtype)
+        return frozen_norm(x, stat("scale", jnp.ones), stat("bias", jnp.zeros),
+                           stat("mean", jnp.zeros), stat("var", jnp.ones), self.epsilon,
+                           self.dtype)
+
+
+def frozen_norm(x, scale, bias, mean, var, epsilon, dtype):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` as one affine map."""
+    factor = scale * jax.lax.rsqrt(var + epsilon)
+    dtype = dtype or jnp.result_type(x, factor)
+    return (x * factor + (bias - mean * factor)).astype(dtype)
 
 
 class _Block(nn.Module):
@@ -156,8 +161,8 @@ class ResNet(nn.Module):
       >>> from deformjax.models import ResNet
       >>> model = ResNet(18, stage_with_dcn=(False, True, True, True), norm="frozen")
       >>> x = jnp.ones((1, 64, 64, 3))
-      >>> variables = model.init(jax.random.key(0), x)
-      >>> [f.shape for f in model.apply(variables, x)]
+      >>> variables = jax.jit(model.init)(jax.random.key(0), x)
+      >>> [f.shape for f in jax.jit(model.apply)(variables, x)]
       [(1, 16, 16, 64), (1, 8, 8, 128), (1, 4, 4, 256), (1, 2, 2, 512)]
     """
 

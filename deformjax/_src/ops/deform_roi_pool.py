@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,29 +104,79 @@ def deform_roi_pool(
 )
 def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale, sampling_ratio,
                      gamma, position_sensitive=False):
+    return _pool((features,), rois, offset, mask, output_size=output_size,
+                 spatial_scales=(spatial_scale,), sampling_ratio=sampling_ratio, gamma=gamma,
+                 position_sensitive=position_sensitive, finest_scale=None)
+
+
+def roi_levels(rois: jax.Array, num_levels: int, finest_scale: float) -> jax.Array:
+    """mmdet's ``SingleRoIExtractor.map_roi_levels``: the FPN level of each RoI,
+    ``clip(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, L - 1)`` (int32; a RoI
+    with an empty or non-finite box gets level 0)."""
+    x1, y1, x2, y2 = rois[:, 1], rois[:, 2], rois[:, 3], rois[:, 4]
+    area = (x2 - x1) * (y2 - y1)
+    area = jnp.where(jnp.isfinite(area) & (area > 0), area, 0)
+    level = jnp.floor(jnp.log2(jnp.sqrt(area) / finest_scale + 1e-6))
+    return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
+
+
+def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_ratio, gamma,
+          position_sensitive, finest_scale):
+    """The pooling of every RoI from one of ``levels`` (maps ``(N, H_l, W_l, C)``).
+
+    All levels are rows of one image matrix; each RoI reads only its level's
+    rows, with its level's size and scale (one level: plain deform_roi_pool).
+    """
     oh, ow = output_size
-    n, h, w, channels = features.shape
+    n, _, _, channels = levels[0].shape
     num_rois = rois.shape[0]
-    dtype, acc = args.compute_dtypes(features, offset, mask)
+    dtype, acc = args.compute_dtypes(*levels, offset, mask)
 
     rois = lax.stop_gradient(rois).astype(acc)
     # A RoI with a non-finite coordinate pools NaN; it is computed as an empty
     # RoI at the origin, so that nothing else (no gradient either) sees a NaN.
     finite = jnp.all(jnp.isfinite(rois[:, 1:]), axis=1)
     x1, y1, x2, y2 = jnp.where(finite[:, None], rois[:, 1:], 0).T
-    start_w = x1 * spatial_scale - 0.5
-    start_h = y1 * spatial_scale - 0.5
-    roi_w = (x2 * spatial_scale - 0.5) - start_w
-    roi_h = (y2 * spatial_scale - 0.5) - start_h
+
+    if position_sensitive:
+        groups, channels = oh * ow, channels // (oh * ow)
+    else:
+        groups = 1
+    # Per level: size, scale, first row in the image matrix, largest adaptive grid.
+    sizes = [f.shape[1:3] for f in levels]
+    firsts, total_rows = [], 0
+    for h_l, w_l in sizes:
+        firsts.append(total_rows)
+        total_rows += n * h_l * w_l * groups
+    if len(levels) == 1:
+        level = jnp.zeros((num_rois,), jnp.int32)
+    else:
+        level = roi_levels(jnp.where(finite[:, None], rois, 0), len(levels), finest_scale)
+
+    def per_roi(values, dtype):
+        return jnp.asarray(values, dtype)[level]
+
+    h, w = per_roi([s[0] for s in sizes], jnp.int32), per_roi([s[1] for s in sizes], jnp.int32)
+    scale = per_roi(spatial_scales, acc)
+    first = per_roi(firsts, jnp.int32)
+
+    start_w = x1 * scale - 0.5
+    start_h = y1 * scale - 0.5
+    roi_w = (x2 * scale - 0.5) - start_w
+    roi_h = (y2 * scale - 0.5) - start_h
     bin_h, bin_w = roi_h / oh, roi_w / ow
 
     if sampling_ratio > 0:
         grid_h = grid_w = sampling_ratio
         count_h = count_w = jnp.full((num_rois,), sampling_ratio, acc)
     else:
-        grid_h, grid_w = max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow))
-        count_h = jnp.clip(jnp.ceil(bin_h), 0, grid_h)
-        count_w = jnp.clip(jnp.ceil(bin_w), 0, grid_w)
+        # Static grids: the largest level's; each RoI uses at most its own level's.
+        grid_h = max(max(1, math.ceil(s[0] / oh)) for s in sizes)
+        grid_w = max(max(1, math.ceil(s[1] / ow)) for s in sizes)
+        cap_h = per_roi([max(1, math.ceil(s[0] / oh)) for s in sizes], acc)
+        cap_w = per_roi([max(1, math.ceil(s[1] / ow)) for s in sizes], acc)
+        count_h = jnp.clip(jnp.ceil(bin_h), 0, cap_h)
+        count_w = jnp.clip(jnp.ceil(bin_w), 0, cap_w)
 
     # Bin origins (R, oh, ow): the RoI start moved by the bin's offset, plus the
     # bin's place in the RoI (mmcv's order of evaluation).
@@ -162,12 +213,16 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
         # Output channel c of bin (i, j) reads input channel (c * oh + i) * ow + j: the
         # image matrix gets one row per (pixel, bin), and bin (i, j) is channel block
         # i * ow + j of the sampler.
-        groups, channels = oh * ow, channels // (oh * ow)
-        pixels = features.astype(dtype).reshape(n, h, w, channels, groups).swapaxes(3, 4)
+        pixels = [f.astype(dtype).reshape(n, f.shape[1], f.shape[2], channels, groups)
+                  .swapaxes(3, 4) for f in levels]
         group = (jnp.arange(oh)[:, None] * ow + jnp.arange(ow))[None, :, :, None, None]
     else:
-        groups, group, pixels = 1, 0, features.astype(dtype)
-    image = sampling.with_zero_row(pixels.reshape(n * h * w * groups, channels))
+        group, pixels = 0, [f.astype(dtype) for f in levels]
+    image = sampling.with_zero_row(
+        jnp.concatenate([p.reshape(-1, channels) for p in pixels], axis=0))
+
+    def per_sample(a):  # (R,) -> (R, 1, 1, 1, 1)
+        return a[:, None, None, None, None]
 
     def rows_of_grid(dy, used_h):
         """The weighted samples of some rows of every bin's grid, summed: (R, oh, ow, C).
@@ -178,9 +233,9 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
         xs = x0[..., None, None] + dx[:, None, None, None, :]  # (R, oh, ow, 1, grid_w)
         weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
         index, weights = sampling.locate(
-            ys, xs, batch[..., None, None], size=(h, w), mode="clamp",
-            zero_row=n * h * w * groups, scale=weight[:, None, None],
-            reads=reads[..., None, None], groups=groups, group=group,
+            ys, xs, batch[..., None, None], size=(per_sample(h), per_sample(w)), mode="clamp",
+            zero_row=total_rows, scale=weight[:, None, None], reads=reads[..., None, None],
+            groups=groups, group=group, first_row=per_sample(first),
         )
         guard = sampling.bounds_guard(index)
         return sampling.gather(image, index, weights, guard=guard).sum(axis=(3, 4))
@@ -253,6 +308,95 @@ def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ra
             fn, f"mask.shape must be (R, oh, ow, 1) = {(num_rois, oh, ow, 1)}; got {mask.shape}"
         )
     return oh, ow
+
+
+_ML_FN = "multi_level_deform_roi_pool"
+
+
+def multi_level_deform_roi_pool(
+    features: Sequence[jax.Array],
+    rois: jax.Array,
+    offset: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scales: Sequence[float],
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+    finest_scale: float = 56,
+) -> jax.Array:
+    """Deformable RoI pooling over FPN levels, as mmdet's ``SingleRoIExtractor``.
+
+    RoI ``r`` is pooled only from level
+    ``l = clip(floor(log2(sqrt((x2 - x1) * (y2 - y1)) / finest_scale + 1e-6)), 0, L - 1)``
+    with ``spatial_scales[l]``, and equals ``deform_roi_pool`` on that level
+    (forward and gradients). All levels are read as one stacked image matrix,
+    so each RoI is pooled once, not once per level.
+
+    Args:
+      features: ``L`` maps ``(N, H_l, W_l, C)``, finest first (P2, P3, ...).
+      rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in input-image
+        coordinates, as ``deform_roi_pool`` (batch index exactly ``-1`` is a
+        padding RoI and pools 0).
+      offset, mask: optional ``(R, oh, ow, 2)`` and ``(R, oh, ow, 1)``, as
+        ``deform_roi_pool``.
+      output_size: int or ``(oh, ow)``.
+      spatial_scales: the ``L`` levels' scales (e.g. ``(1/4, 1/8, 1/16, 1/32)``).
+      sampling_ratio, gamma: as ``deform_roi_pool``; the adaptive grid of a RoI
+        is its own level's.
+      finest_scale: mmdet's ``finest_scale`` (56).
+
+    Returns:
+      ``(R, oh, ow, C)`` in the promoted dtype of ``features``, ``offset`` and ``mask``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import multi_level_deform_roi_pool
+      >>> levels = [jnp.ones((1, 200 // 2**l, 336 // 2**l, 8)) for l in range(4)]
+      >>> rois = jnp.array([[0.0, 10.0, 10.0, 60.0, 90.0], [0.0, 0.0, 0.0, 700.0, 500.0]])
+      >>> multi_level_deform_roi_pool(levels, rois, output_size=7, sampling_ratio=2,
+      ...                             spatial_scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32)).shape
+      (2, 7, 7, 8)
+    """
+    if not isinstance(features, Sequence) or isinstance(features, str) or not features:
+        raise args.fail(_ML_FN, "features must be a non-empty sequence of (N, H_l, W_l, C) "
+                        f"maps, finest first; got {type(features).__name__}")
+    levels = tuple(jnp.asarray(f) for f in features)
+    rois = jnp.asarray(rois)
+    offset = None if offset is None else jnp.asarray(offset)
+    mask = None if mask is None else jnp.asarray(mask)
+    scales = tuple(spatial_scales) if isinstance(spatial_scales, Sequence) else None
+    if scales is None or len(scales) != len(levels):
+        raise args.fail(_ML_FN, f"spatial_scales must give one scale per level: {len(levels)} "
+                        f"levels; got {spatial_scales!r}")
+    if not args.is_real(finest_scale) or not 0 < finest_scale < math.inf:
+        raise args.fail(_ML_FN, f"finest_scale must be a positive finite number; got "
+                        f"{finest_scale!r}")
+    first = levels[0]
+    args.check_rank(_ML_FN, "features[0]", first, 4, "(N, H, W, C)")
+    for l, (f, scale) in enumerate(zip(levels, scales)):
+        args.check_rank(_ML_FN, f"features[{l}]", f, 4, "(N, H, W, C)")
+        if f.shape[0] != first.shape[0] or f.shape[3] != first.shape[3]:
+            raise args.fail(_ML_FN, f"every level must have the same N and C; features[0] has "
+                            f"shape {first.shape}, features[{l}] {f.shape}")
+        oh, ow = _check(f, rois, offset, mask, output_size, scale, sampling_ratio, gamma,
+                        fn=_ML_FN)
+    n, c = first.shape[0], first.shape[3]
+    total = sum(n * f.shape[1] * f.shape[2] for f in levels) + 1
+    args.check_rows(_ML_FN, total, f"the levels' N * H_l * W_l summed, + 1 = {total}")
+    return _multi_level(levels, rois, offset, mask, output_size=(oh, ow),
+                        spatial_scales=tuple(float(s) for s in scales),
+                        sampling_ratio=int(sampling_ratio), gamma=float(gamma),
+                        finest_scale=float(finest_scale))
+
+
+@functools.partial(jax.jit, static_argnames=("output_size", "spatial_scales", "sampling_ratio",
+                                             "gamma", "finest_scale"))
+def _multi_level(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_ratio,
+                 gamma, finest_scale):
+    return _pool(levels, rois, offset, mask, output_size=output_size,
+                 spatial_scales=spatial_scales, sampling_ratio=sampling_ratio, gamma=gamma,
+                 position_sensitive=False, finest_scale=finest_scale)
 
 
 _PS_FN = "deform_ps_roi_pool"
