@@ -15,8 +15,8 @@ the pretrained weights, and fine-tune.
    cannot download one), random weights.
 2. Shows what step 0 computes: with DCNv1 (``--dcnv1``) exactly the plain ResNet; with
    DCNv2 (default) every deformable conv2 at half strength, since a fresh mask is
-   ``sigmoid(0) = 0.5`` (as in mmcv / mmdet): the C5 features are compared with the
-   plain ResNet holding the same weights (and, for DCNv2, its conv2 kernels halved).
+   ``sigmoid(0) = 0.5`` (as in mmcv / mmdet): the logits are compared with the plain
+   ResNet holding the same weights (and, for DCNv2, its conv2 kernels halved).
 3. Fine-tunes backbone and a new linear head for a few optax steps on the digits of
    ``deformable_digits.py`` (grey, upsampled to ``--size`` pixels, as 3 channels).
 4. Draws where the last c5 deformable layer samples (its 9 taps, mapped back to the
@@ -72,24 +72,22 @@ class Classifier(nn.Module):
         return nn.Dense(self.classes, name="head")(c5.mean(axis=(1, 2)))
 
 
-def step_zero(depth, width, modulated, backbone_vars, x):
-    """The deformable backbone at step 0 against the plain ResNet with the same weights
-    (DCNv2: with the conv2 kernels of c3-c5 halved). Returns (max |diff|, max |C5|)."""
+def step_zero(depth, width, modulated, variables, evaluate, x):
+    """The deformable classifier at step 0 against the same weights in a plain ResNet
+    (DCNv2: with the conv2 kernels of c3-c5 halved). Returns (max |diff|, max |logit|)."""
 
     def plain_params(tree, path=()):
         if isinstance(tree, dict):  # the same tree without the offset branches
             return {k: plain_params(v, path + (k,)) for k, v in tree.items() if k != "offset"}
         halve = modulated and path[-2:] == ("conv2", "kernel") and re.fullmatch(
-            r"layer[234]_\d+", path[0])
+            r"layer[234]_\d+", path[1])
         return 0.5 * tree if halve else tree
 
-    plain = ResNet(depth, norm="frozen", width=width)
-    plain_vars = {"params": plain_params(backbone_vars["params"]),
-                  "batch_stats": backbone_vars["batch_stats"]}
-    dcn = ResNet(depth, stage_with_dcn=DCN_STAGES, dcn_modulated=modulated, norm="frozen",
-                 width=width)
-    ours = jax.jit(dcn.apply)(backbone_vars, x)[-1]
-    theirs = jax.jit(plain.apply)(plain_vars, x)[-1]
+    plain = Classifier(ResNet(depth, norm="frozen", width=width))
+    plain_vars = {"params": plain_params(variables["params"]),
+                  "batch_stats": variables["batch_stats"]}
+    ours = evaluate(variables, x)[0]
+    theirs = jax.jit(plain.apply)(plain_vars, x)
     return float(jnp.abs(ours - theirs).max()), float(jnp.abs(theirs).max())
 
 
@@ -102,12 +100,11 @@ def to_rgb(images, size):
     return (x[..., None] - mean) / std
 
 
-def draw(model, params, batch_stats, image, rgb, out_dir, blocks):
-    """Where the last c5 block's deformable conv2 samples (stride 32 grid -> pixels)."""
+def draw(state, image, rgb, out_dir, blocks):
+    """Where the last c5 block's deformable conv2 samples (stride 32 grid -> pixels);
+    ``state``: the model's intermediates for a batch whose first image is ``image``."""
     from matplotlib.figure import Figure
 
-    apply = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates"))
-    _, state = apply({"params": params, "batch_stats": batch_stats}, rgb[None])
     name = f"layer4_{blocks - 1}"
     inter = state["intermediates"]["backbone"][name]["conv2"]
     offsets = np.asarray(inter["offsets"][0][0])  # (h, w, 2 * G * 9), (dy, dx) per tap
@@ -180,14 +177,17 @@ def main(argv=None):
     kind = "DCNv2" if modulated else "DCNv1"
     print(f"ResNet-{opts.depth}, width {opts.width}, {kind} in c3-c5, frozen batch norm")
 
-    diff, scale = step_zero(opts.depth, opts.width, modulated, backbone_vars,
-                            jnp.asarray(rgb_test[:2]))
-    what = ("the plain ResNet with conv2 of c3-c5 halved (fresh mask sigmoid(0) = 0.5)"
-            if modulated else "the plain ResNet")
-    print(f"step 0: C5 equals {what}: max |diff| {diff:.2e} (max |C5| {scale:.2f})")
-
     params = {"backbone": backbone_vars["params"], "head": variables["params"]["head"]}
     stats = {"backbone": backbone_vars["batch_stats"]}
+    # One compiled evaluation (logits and the sown offsets) for step 0, the test and the picture.
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates"))
+    test = jnp.asarray(rgb_test[:64])
+    diff, scale = step_zero(opts.depth, opts.width, modulated,
+                            {"params": params, "batch_stats": stats}, evaluate, test)
+    what = ("the plain ResNet with conv2 of c3-c5 halved (fresh mask sigmoid(0) = 0.5)"
+            if modulated else "the plain ResNet")
+    print(f"step 0: the logits equal {what}'s: max |diff| {diff:.2e} "
+          f"(max |logit| {scale:.2f})")
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
 
@@ -207,13 +207,12 @@ def main(argv=None):
         params, opt_state, loss = train_step(params, opt_state, rgb_train[idx], y_train[idx])
         if step == 0 or (step + 1) % 10 == 0 or step == steps - 1:
             print(f"step {step + 1}/{steps}: loss {float(loss):.4f}", flush=True)
-    predict = jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": stats}, x))
-    test = rgb_test[:64]
-    accuracy = float((np.asarray(predict(params, test)).argmax(-1) == y_test[:64]).mean())
+    logits, state = evaluate({"params": params, "batch_stats": stats}, test)
+    accuracy = float((np.asarray(logits).argmax(-1) == y_test[:len(test)]).mean())
     if opts.quick:
         print("SMOKE RUN (--quick): too few steps to mean anything")
     print(f"test accuracy on {len(test)} digits after {steps} steps: {accuracy:.4f}")
-    path, moved = draw(model, params, stats, x_test[0], rgb_test[0], opts.out,
+    path, moved = draw(state, x_test[0], rgb_test[0], opts.out,
                        {18: 2, 34: 3, 50: 3, 101: 3}[opts.depth])
     print(f"largest |offset| of the last c5 deformable layer: {moved:.4f} px (on its grid)")
     print(f"wrote {path}")

@@ -183,9 +183,13 @@ def train(trainer, data, *, epochs, batch_size, seed, name):
             losses.append(float(loss))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         print(f"{name} epoch {epoch + 1}/{epochs}: mean loss {np.mean(losses):.4f}", flush=True)
+    # Batches of one shape (the last padded), so that predict compiles once.
+    batches = -(-len(x_test) // 256)
+    padded = np.concatenate([x_test, np.zeros((batches * 256 - len(x_test),) + x_test.shape[1:],
+                                              x_test.dtype)])
     predictions = np.concatenate(
-        [predict(state, x_test[i:i + 256]) for i in range(0, len(x_test), 256)]
-    )
+        [predict(state, padded[i:i + 256]) for i in range(0, len(padded), 256)]
+    )[:len(x_test)]
     return state, parameters(state), float((predictions == y_test).mean())
 
 

@@ -82,8 +82,8 @@ def test_dcn_resnet_quick_from_a_safetensors_checkpoint(tmp_path):
                       str(tmp_path))
     assert f"loaded {len(weights) - 2} tensors" in out  # all but fc.weight, fc.bias
     diff, scale = (float(v) for v in re.search(
-        r"step 0: C5 equals the plain ResNet with conv2 of c3-c5 halved .*: max \|diff\| "
-        r"([\d.e+-]+) \(max \|C5\| ([\d.]+)\)", out).groups())
+        r"step 0: the logits equal the plain ResNet with conv2 of c3-c5 halved .*: "
+        r"max \|diff\| ([\d.e+-]+) \(max \|logit\| ([\d.]+)\)", out).groups())
     assert diff <= 1e-5 * scale, out
     assert "SMOKE RUN (--quick)" in out
     assert (tmp_path / "dcn_resnet_sampling.png").stat().st_size > 10_000

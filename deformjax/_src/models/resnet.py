@@ -161,8 +161,8 @@ class ResNet(nn.Module):
       >>> from deformjax.models import ResNet
       >>> model = ResNet(18, stage_with_dcn=(False, True, True, True), norm="frozen")
       >>> x = jnp.ones((1, 64, 64, 3))
-      >>> variables = jax.jit(model.init)(jax.random.key(0), x)
-      >>> [f.shape for f in jax.jit(model.apply)(variables, x)]
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # model.init to compute
+      >>> [f.shape for f in jax.eval_shape(model.apply, variables, x)]
       [(1, 16, 16, 64), (1, 8, 8, 128), (1, 4, 4, 256), (1, 2, 2, 512)]
     """
 

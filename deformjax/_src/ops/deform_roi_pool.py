@@ -381,7 +381,7 @@ def multi_level_deform_roi_pool(
                             f"shape {first.shape}, features[{l}] {f.shape}")
         oh, ow = _check(f, rois, offset, mask, output_size, scale, sampling_ratio, gamma,
                         fn=_ML_FN)
-    n, c = first.shape[0], first.shape[3]
+    n = first.shape[0]
     total = sum(n * f.shape[1] * f.shape[2] for f in levels) + 1
     args.check_rows(_ML_FN, total, f"the levels' N * H_l * W_l summed, + 1 = {total}")
     return _multi_level(levels, rois, offset, mask, output_size=(oh, ow),
