@@ -1,6 +1,6 @@
 """DCNv3 aggregation at InternImage-T's stage shapes, against its lower bound and torchvision.
 
-    python benchmarks/bench_dcnv3.py            # the four stages, batch 8, prints a table, writes JSON
+    python benchmarks/bench_dcnv3.py            # the four stages, batch 8; prints a table, JSON
     python benchmarks/bench_dcnv3.py --quick    # fewer repeats
 
 Shapes (NHWC, 3x3 points, padding 1, offsets ~ N(0, 2^2), softmax mask, float32),
@@ -118,7 +118,8 @@ def stage_case(shape, repeats, with_torch):
     result["fwd_vs_depthwise"] = result["deformjax_fwd"] / result["depthwise_conv_fwd"]
     result["fwd_bwd_vs_depthwise"] = result["deformjax_fwd_bwd"] / result["depthwise_conv_fwd_bwd"]
     if with_torch:
-        tx, to, tm = (torch.tensor(a, requires_grad=True) for a in to_torchvision(x, offset, mask, g))
+        tx, to, tm = (torch.tensor(a, requires_grad=True)
+                      for a in to_torchvision(x, offset, mask, g))
         ones = torch.ones(c, 1, K, K)
 
         def tv_out():

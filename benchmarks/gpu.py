@@ -192,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--batch-scale", type=int, default=None,
                         help="multiply every batch (default 8 on an accelerator, 1 on a CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (2 with --smoke)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("benchmarks/results/gpu-latest.json"))
@@ -221,7 +223,7 @@ def main(argv=None):
     for name in opts.shapes:
         shape = smoke_shape(SHAPES[name]) if opts.smoke else SHAPES[name]
         shape = (shape[0] * scale,) + shape[1:]
-        for dtype in (jnp.float32, jnp.bfloat16):
+        for dtype in (jnp.dtype(d) for d in opts.dtypes):
             r = case(shape, dtype, repeats, torch_cuda)
             report["results"][f"{name}/{jnp.dtype(dtype).name}"] = {"shape": shape, **r}
             tv = "".join(f"{r[k]:>9.2f}" if k in r else f"{'-':>9}"
@@ -238,7 +240,7 @@ def main(argv=None):
         if opts.smoke:
             n, h, w, c, g = 1, max(4, h // 8), max(4, w // 8), c // 4, g
         shape = (n * scale, h, w, c, g)
-        for dtype in (jnp.float32, jnp.bfloat16):
+        for dtype in (jnp.dtype(d) for d in opts.dtypes):
             r = dcnv3_case(shape, dtype, repeats, torch_cuda)
             report["results"][f"dcnv3_{name}/{jnp.dtype(dtype).name}"] = {"shape": shape, **r}
             tv = "".join(f"{r[k]:>9.2f}" if k in r else f"{'-':>9}"

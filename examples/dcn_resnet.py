@@ -7,9 +7,9 @@ the pretrained weights, and fine-tune.
 
 1. Builds ``ResNet(50, stage_with_dcn=(False, True, True, True), norm='frozen')`` and
    loads a torchvision-format checkpoint (``--checkpoint resnet50.safetensors``, e.g.
-   saved on a machine with torch by
-   ``safetensors.torch.save_file(torchvision.models.resnet50(weights='DEFAULT').state_dict(), path)``,
-   or a ``.npz`` of the same names) with ``load_torch_state_dict(..., strict=False)``:
+   saved on a machine with torch by ``safetensors.torch.save_file(model.state_dict(), path)``
+   for ``model = torchvision.models.resnet50(weights='DEFAULT')``, or a ``.npz`` of the same
+   names) with ``load_torch_state_dict(..., strict=False)``:
    the state dict has no offset branches, which keep their zeros. Its ImageNet
    classifier ``fc.*`` is not used. Without a checkpoint (``--random``; this machine
    cannot download one), random weights.

@@ -112,6 +112,9 @@ def test_errors_name_the_key():
     np.testing.assert_array_equal(loaded["params"]["offset"]["kernel"],
                                   variables["params"]["offset"]["kernel"])
     np.testing.assert_allclose(loaded["params"]["kernel"], sd["weight"].transpose(2, 3, 1, 0))
+    with pytest.raises(ValueError, match=re.escape("no torch layout is known for the variable "
+                                                   "stray (shape (3,))")):
+        load_torch_state_dict({"params": {**variables["params"], "stray": jnp.zeros(3)}}, sd)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         load_torch_state_dict(variables, [("weight", sd["weight"])])
 

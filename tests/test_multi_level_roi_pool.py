@@ -37,8 +37,9 @@ def test_level_mapping_is_mmdets(rng):
     assert set(got) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
-def test_equals_deform_roi_pool_on_each_rois_level(rng, sampling_ratio):
+def test_equals_deform_roi_pool_on_each_rois_level(rng):
+    """Adaptive sampling (each RoI's grid capped by its own level); sampling_ratio 2 below."""
+    sampling_ratio = 0
     levels, rois, offset, mask = fpn_case(rng)
     level = np.asarray(roi_levels(jnp.asarray(rois), 4, 56.0))
     kw = dict(output_size=(3, 2), sampling_ratio=sampling_ratio, gamma=0.1)
@@ -69,6 +70,17 @@ def test_equals_deform_roi_pool_on_each_rois_level(rng, sampling_ratio):
         f, rois[:1], offset[:1], mask[:1], spatial_scales=SCALES, **kw).sum()))(levels)
     for l, g in enumerate(one):
         assert bool(np.any(np.asarray(g) != 0)) == (l == level[0])
+
+
+def test_fixed_sampling_ratio_forward(rng):
+    levels, rois, offset, mask = fpn_case(rng)
+    level = np.asarray(roi_levels(jnp.asarray(rois), 4, 56.0))
+    kw = dict(output_size=(3, 2), sampling_ratio=2, gamma=0.1)
+    out = multi_level_deform_roi_pool(levels, rois, offset, mask, spatial_scales=SCALES, **kw)
+    for l, f in enumerate(levels):
+        pooled = deform_roi_pool(f, rois, offset, mask, spatial_scale=SCALES[l], **kw)
+        np.testing.assert_allclose(np.asarray(out)[level == l], np.asarray(pooled)[level == l],
+                                   rtol=0, atol=1e-12)
 
 
 def test_errors(rng):

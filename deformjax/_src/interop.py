@@ -142,26 +142,38 @@ def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
     params, stats = params or {}, stats or {}
     keys = set(params) | set(stats)
     kernel = params.get("kernel")
+
+    def only(allowed):
+        for key in sorted(keys - allowed):
+            value = params.get(key, stats.get(key))
+            shape = getattr(value, "shape", "a subtree")
+            raise ValueError(f"{_FN}: no torch layout is known for the variable "
+                             f"{'/'.join(path + (key,))} (shape {shape})")
+
     if _DCNV3 <= keys:
         yield from _dcnv3(path, name, params)
     elif "offset_fc_0" in keys:
         yield from _roi_pool(path, name, params)
     elif _is_array(kernel) and kernel.ndim == 4:
+        only({"kernel", "bias", "offset"})
         yield from _conv(path, name, params)  # also a deformable conv's main kernel
         offset = params.get("offset")
         if isinstance(offset, Mapping) and _is_array(offset.get("kernel")):
             yield from _conv(path + ("offset",), _join(name, "conv_offset"), offset)
     elif _is_array(kernel) and kernel.ndim == 2:
+        only({"kernel", "bias"})
         yield from _linear(path, name, params)
     elif {"scale", "bias"} <= keys and all(_is_array(v) for v in
                                            list(params.values()) + list(stats.values())):
+        only({"scale", "bias", "mean", "var"})
         yield from _norm(path, name, params, stats)
     else:
         for child in sorted(keys):
             p, s = params.get(child), stats.get(child)
             if _is_array(p) or _is_array(s):
+                shape = (p if p is not None else s).shape
                 raise ValueError(f"{_FN}: no torch layout is known for the variable "
-                                 f"{'/'.join(path + (child,))} (shape {(p if p is not None else s).shape})")
+                                 f"{'/'.join(path + (child,))} (shape {shape})")
             yield from _walk(p, s, path + (child,), _join(name, _torch_child(child)))
 
 
@@ -226,7 +238,8 @@ def load_torch_state_dict(
         problems.append(f"missing from the state dict: {', '.join(prefix + n for n in missing)}")
     unexpected = sorted(n for n in given if n not in expected and not _IGNORED.search(n))
     if unexpected:
-        problems.append(f"unexpected in the state dict: {', '.join(prefix + n for n in unexpected)}")
+        names = ", ".join(prefix + n for n in unexpected)
+        problems.append(f"unexpected in the state dict: {names}")
     wrong = [f"{prefix}{e.torch_name} has shape {tuple(np.shape(given[e.torch_name]))}, "
              f"expected {e.torch_shape}" for e in entries
              if e.torch_name in given and tuple(np.shape(given[e.torch_name])) != e.torch_shape]

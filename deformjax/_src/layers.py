@@ -326,6 +326,9 @@ def _uniform(bound: float):
     return init
 
 
+DCNV3_LAYERNORM_EPS = 1e-6  # InternImage's LayerNorm after the depthwise convolution
+
+
 class DCNv3Spec(NamedTuple):
     """``DCNv3``'s static settings, checked."""
 
@@ -455,5 +458,3 @@ def dcnv3_layer(
         y = y * (1 - s) + xp * s
     return dense(y, "output_proj"), offset, mask
 
-
-DCNV3_LAYERNORM_EPS = 1e-6
