@@ -1,7 +1,8 @@
 """deformjax: deformable and dilated convolutions for JAX and Flax.
 
 Channels-last (NHWC) inputs and HWIO kernels throughout. The ops are pure
-functions, differentiable to any order and jit-able. The Flax modules exist
+functions, jit-able and differentiable to any order (adaptive RoI sampling:
+reverse mode only). The Flax modules exist
 twice, with the same parameters: linen (``deformjax.DeformConv``, also
 ``deformjax.linen.DeformConv``) and NNX (``deformjax.nnx.DeformConv``). See
 the README.
@@ -18,6 +19,7 @@ from deformjax._src.ops.deform_roi_pool import (
     deform_ps_roi_pool,
     deform_roi_pool,
     multi_level_deform_roi_pool,
+    roi_levels,
 )
 from deformjax._src.ops.dilated_conv import dilated_conv
 from deformjax._src.tools.locations import LayerGeometry, layer_geometry, sampling_locations
@@ -42,5 +44,6 @@ __all__ = [
     "layer_geometry",
     "multi_level_deform_roi_pool",
     "receptive_field",
+    "roi_levels",
     "sampling_locations",
 ]

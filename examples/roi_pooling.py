@@ -8,7 +8,10 @@ shape. Two heads train on the same backbone design: plain RoIAlign pooling,
 and ``DeformRoIPool`` whose fully connected branch predicts an offset per bin.
 The script prints both test accuracies and how far the bins moved, and draws
 the input RoI (yellow) and the deformed bins (red) on test images, as in the
-DCN paper.
+DCN paper. Last, it pools boxes of very different sizes from a four-level
+feature pyramid with ``multi_level_deform_roi_pool`` (each box from the level
+mmdet's mapping picks, adaptive sampling) and draws each box in its level's
+colour beside what it pooled.
 
     python examples/roi_pooling.py --out out/roi_pooling
     python examples/roi_pooling.py --quick
@@ -27,7 +30,7 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from deformjax import DeformRoIPool, deform_roi_pool
+from deformjax import DeformRoIPool, deform_roi_pool, multi_level_deform_roi_pool, roi_levels
 from deformjax.viz import plot_deformed_rois
 
 SIZE = 48
@@ -126,6 +129,64 @@ def evaluate(model, params, data):
     return accuracy, offsets
 
 
+LEVEL_COLOURS = ("tab:blue", "tab:green", "tab:orange", "tab:red")
+
+
+def pyramid_picture(path):
+    """Boxes from 12 to 150 px pooled from a 4-level pyramid (finest_scale 16: a box of
+    sqrt(area) < 32 px reads P0, < 64 P1, < 128 P2, else P3)."""
+    canvas = 256
+    image = np.zeros((1, canvas, canvas, 1), np.float32)
+    ys, xs = np.mgrid[0:canvas, 0:canvas] + 0.5
+    boxes = []
+    # (size, left, top): one object per box, apart, crosses and discs in turn
+    for k, (size, x1, y1) in enumerate(((12, 60, 210), (24, 196, 212), (44, 190, 150),
+                                        (80, 168, 14), (150, 8, 8))):
+        cx, cy = x1 + size / 2, y1 + size / 2
+        u, v = (xs - cx) / (size / 2), (ys - cy) / (size / 2)
+        shape = u**2 + v**2 <= 1 if k % 2 else (np.abs(u) <= 0.3) | (np.abs(v) <= 0.3)
+        shape = shape & (np.abs(u) <= 1) & (np.abs(v) <= 1)
+        image[0, ..., 0] = np.maximum(image[0, ..., 0], shape * (0.6 + 0.1 * k))
+        boxes.append([0.0, x1, y1, x1 + size, y1 + size])
+    boxes = np.array(boxes, np.float32)
+    # P0..P3: the image average-pooled by 1, 2, 4, 8 (a stand-in for a backbone's FPN).
+    levels = [jnp.asarray(image.reshape(1, canvas // s, s, canvas // s, s, 1).mean((2, 4)))
+              for s in (1, 2, 4, 8)]
+    scales = (1.0, 1 / 2, 1 / 4, 1 / 8)
+    pooled = multi_level_deform_roi_pool(levels, jnp.asarray(boxes), output_size=7,
+                                         spatial_scales=scales, finest_scale=16)
+    level = np.asarray(roi_levels(jnp.asarray(boxes), 4, 16))
+    fig = Figure(figsize=(2.2 * (len(boxes) + 2), 4.6))
+    grid = fig.add_gridspec(2, len(boxes) + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(image[0, ..., 0], cmap="gray")
+    for box, l in zip(boxes, level):
+        x1, y1, x2, y2 = box[1:]
+        ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, LEVEL_COLOURS[l]))
+    ax.set_title("boxes, coloured by FPN level")
+    ax.set_axis_off()
+    for k, l in enumerate(level):
+        ax = fig.add_subplot(grid[0, k + 2])
+        ax.imshow(np.asarray(levels[l][0, ..., 0]), cmap="gray")
+        x1, y1, x2, y2 = boxes[k, 1:] * scales[l]
+        ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, LEVEL_COLOURS[l]))
+        ax.set_title(f"P{l} ({canvas >> l}x{canvas >> l})", color=LEVEL_COLOURS[l])
+        ax.set_axis_off()
+        ax = fig.add_subplot(grid[1, k + 2])
+        ax.imshow(np.asarray(pooled[k, ..., 0]), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{int(boxes[k, 3] - boxes[k, 1])} px box, 7x7")
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return level
+
+
+def _rectangle(corner, width, height, colour):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(corner, width, height, fill=False, edgecolor=colour, linewidth=2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -168,6 +229,11 @@ def main(argv=None):
     path = opts.out / "deformed_rois.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"\nwrote {path}")
+
+    path = opts.out / "fpn_levels.png"
+    level = pyramid_picture(path)
+    print(f"FPN pooling: boxes of 12, 24, 44, 80, 150 px read levels {level.tolist()}")
+    print(f"wrote {path}")
     print(f"total {time.perf_counter() - start:.1f}s")
 
 

@@ -189,12 +189,10 @@ def _bilinear_clamp(img, y, x):
 
 def deform_roi_pool_reference(
     features, rois, offset=None, mask=None, *, output_size, spatial_scale, sampling_ratio, gamma,
-    cotangent=None, max_grid=None,
+    cotangent=None,
 ):
     """mmcv DeformRoIPool / ModulatedDeformRoIPool forward (and feature gradient).
 
-    ``max_grid`` (rows, cols), when given, caps the adaptive sample grid (the
-    documented deformjax behaviour for RoIs larger than the feature map).
     Returns ``out`` or, given ``cotangent``, ``(out, grad_features)``.
     """
     features = np.asarray(features, np.float64)
@@ -213,8 +211,6 @@ def deform_roi_pool_reference(
         bin_h, bin_w = roi_h / oh, roi_w / ow
         grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / oh)
         grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / ow)
-        if max_grid is not None:
-            grid_h, grid_w = min(grid_h, max_grid[0]), min(grid_w, max_grid[1])
         count = max(grid_h * grid_w, 1)
         for ph in range(oh):
             for pw in range(ow):

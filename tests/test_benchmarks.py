@@ -30,3 +30,21 @@ def test_gpu_benchmark_smoke_run(tmp_path):
             continue
         assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
                                             "lax_conv_fwd", "lax_conv_fwd_bwd"))
+
+
+def test_roi_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "roi.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_roi.py"), "--smoke", "--no-torch",
+         "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"]
+    assert set(report["cases"]) == {"map200", "fpn_p2", "multi_level", "ps_rfcn"}
+    for figures in report["cases"].values():
+        assert figures["samples"] > 0
+        assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
+                                            "temp_mib_fwd", "temp_mib_fwd_bwd"))

@@ -104,17 +104,44 @@ def test_offsets_move_bins_by_roi_size(rng):
     )
 
 
-def test_adaptive_grid_cap_for_rois_larger_than_the_map(rng):
-    """Within the map the adaptive rule is exact; larger RoIs get ceil(H/oh) x ceil(W/ow)."""
-    features = rng.normal(size=(1, 9, 8, 2))
-    rois = np.array([[0, 0.0, 0.0, 8.0, 9.0], [0, -6.0, -4.0, 14.0, 20.0]])
-    kw = dict(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.1)
-    out = deform_roi_pool(features, rois, **kw)
-    exact = deform_roi_pool_reference(features, rois, **kw)
-    capped = deform_roi_pool_reference(features, rois, max_grid=(5, 4), **kw)
-    np.testing.assert_allclose(out[0], exact[0], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(out[1], capped[1], rtol=1e-12, atol=1e-12)
-    assert not np.allclose(capped[1], exact[1])
+@pytest.mark.parametrize("name", ["small_to_3x", "scaled"])
+def test_adaptive_equals_torchvision_roi_align_from_1px_to_3x_the_map(name):
+    """Committed torchvision fixtures (tests/fixtures/make_roi_align.py), forward and gradient."""
+    data, meta = load_fixture("roi_align_adaptive", name)
+    kw = dict(output_size=tuple(meta["output_size"]), spatial_scale=meta["spatial_scale"],
+              sampling_ratio=meta["sampling_ratio"])
+    out, vjp = jax.vjp(lambda f: deform_roi_pool(f, data["rois"], **kw), data["features"])
+    np.testing.assert_allclose(out, data["out"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(vjp(data["cotangent"])[0], data["grad_features"],
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_adaptive_is_exact_for_large_rois_with_offsets_and_mask(rng):
+    """The loop reference with every sample of every bin (grids up to 14 x 12 here)."""
+    features = rng.normal(size=(2, 9, 8, 2))
+    rois = np.array([[0, 0.0, 0.0, 8.0, 9.0], [1, -6.0, -4.0, 14.0, 20.0],
+                     [0, -16.0, -18.0, 24.0, 27.0], [1, 3.0, 4.0, 3.6, 4.9]])
+    offset = rng.normal(scale=0.5, size=(4, 2, 3, 2))
+    mask = rng.uniform(0.2, 1.0, size=(4, 2, 3, 1))
+    kw = dict(output_size=(2, 3), spatial_scale=1.0, sampling_ratio=0, gamma=0.3)
+    cotangent = rng.normal(size=(4, 2, 3, 2))
+    out_ref, grad_ref = deform_roi_pool_reference(features, rois, offset, mask,
+                                                  cotangent=cotangent, **kw)
+    out, (grad_features, _, _) = _run(features, rois, offset, mask, cotangent, **kw)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad_features, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_visits_only_samples_that_can_read_the_map():
+    """Bins of 10^4 px on a 4x4 map: each averages 10^4 x 10^4 samples (no static or full
+    grid would fit in memory), of which only those near the map are visited."""
+    features = jnp.ones((1, 4, 4, 1), jnp.float64)
+    rois = jnp.array([[0.0, -9998.0, -9998.0, 10002.0, 10002.0]])
+    out = deform_roi_pool(features, rois, output_size=2, sampling_ratio=0)
+    # Bin (0, 0) samples y, x in {-9998, ..., 1}; of those, -1, 0, 1 are alive (RoIAlign
+    # reads y >= -1, clamped onto row 0), so 3 x 3 samples of 1; bin (0, 1) samples x in
+    # {2, ..., 10001}, alive 2, 3 and 4 (= W, clamped onto column 3). Every bin: 9 / 10^8.
+    np.testing.assert_allclose(out, np.full((1, 2, 2, 1), 9e-8), rtol=1e-12)
 
 
 def test_zero_and_negative_size_rois(rng):
@@ -160,3 +187,32 @@ def test_batch_index_is_truncated(rng):
     np.testing.assert_array_equal(out[2], out[0])
     np.testing.assert_array_equal(out[3], out[1])
     assert not np.allclose(out[0], out[1])
+
+
+def test_adaptive_in_many_small_trips(rng, monkeypatch):
+    """Four samples per trip: bins split across trips, runs of empty bins longer than a
+    trip (padding and empty RoIs), every order of derivative still the reference's."""
+    from deformjax._src import ragged
+
+    monkeypatch.setattr(ragged, "_MIN_SLOTS", 4)
+    monkeypatch.setattr(ragged, "_MAX_SLOTS", 4)
+    features = rng.normal(size=(2, 7, 6, 2))  # a shape no other test compiles
+    rois = np.array([[0, 0.5, 0.2, 5.0, 6.5], [-1, 0, 0, 4, 4], [0, 3, 3, 2, 2],
+                     [1, 2, 2, 2, 2], [1, -4.0, -3.0, 9.0, 11.0], [0, 1.0, 1.0, 1.8, 2.2]])
+    offset = rng.normal(scale=0.4, size=(6, 2, 2, 2))
+    kw = dict(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.2)
+    cotangent = rng.normal(size=(6, 2, 2, 2))
+    out_ref, grad_ref = deform_roi_pool_reference(features, rois, offset, cotangent=cotangent,
+                                                  **kw)
+    out_ref[1] = 0  # padding RoI (the reference reads image -1 for it)
+    out, (grad_features, _, _) = _run(features, rois, offset, None, cotangent, **kw)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-10, atol=1e-12)
+    grad_ref_no_pad = deform_roi_pool_reference(
+        features, rois[[0, 2, 3, 4, 5]], offset[[0, 2, 3, 4, 5]],
+        cotangent=cotangent[[0, 2, 3, 4, 5]], **kw)[1]
+    np.testing.assert_allclose(grad_features, grad_ref_no_pad, rtol=1e-10, atol=1e-12)
+    del grad_ref
+    from jax.test_util import check_grads
+
+    check_grads(lambda f, o: deform_roi_pool(f, rois, o, **kw), (features, offset), order=2,
+                modes=("rev",))

@@ -57,6 +57,8 @@ def test_roi_pooling_quick(tmp_path):
     moved = float(re.search(r"mean \|gamma \* offset\| = ([\d.]+)", out).group(1))
     assert moved > 0  # the zero-initialised offset branch learned to move the bins
     assert (tmp_path / "deformed_rois.png").stat().st_size > 10_000
+    assert "read levels [0, 0, 1, 2, 3]" in out, out  # 12, 24, 44, 80, 150 px, finest_scale 16
+    assert (tmp_path / "fpn_levels.png").stat().st_size > 10_000
 
 
 def test_dcnv3_block_quick(tmp_path):

@@ -187,6 +187,9 @@ def _reads(weights: jax.Array) -> jax.Array:
     return (jnp.abs(weights) > 0) & (jnp.abs(weights) < jnp.inf)
 
 
+reads = _reads
+
+
 def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
     """``sum_q weights[..., q] * image[index[..., q]]``, one whole channel row per corner.
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deformjax._src import args, sampling
+from deformjax._src import args, ragged, sampling
 
 _FN = "deform_roi_pool"
 
@@ -57,15 +57,14 @@ def deform_roi_pool(
       spatial_scale: positive factor from input-image to feature coordinates.
       sampling_ratio: samples per bin along each axis when positive; when
         ``<= 0``, adaptive: ``ceil(roi_height / oh)`` by ``ceil(roi_width / ow)``
-        per RoI, as torchvision / mmcv / detectron2 do. Under ``jit`` the
-        number of samples cannot depend on data, so the adaptive grid is
-        evaluated on a static ``ceil(H / oh) x ceil(W / ow)`` grid with the
-        surplus samples weighted 0: exact for every RoI no larger than the
-        feature map. A RoI taller (wider) than the map gets ``ceil(H / oh)``
-        (``ceil(W / ow)``) samples per bin and axis instead, still spread
-        evenly over the bin, so its average approximates the same integral
-        with fewer samples. That static grid is also the cost: prefer a
-        positive ``sampling_ratio`` for speed.
+        per RoI, as torchvision / mmcv / detectron2 do, exactly, for RoIs of
+        any size. The adaptive samples are a ragged list visited in chunks by
+        a ``while_loop``, so time and memory scale with the samples the RoIs
+        need (of a bin larger than the map, only those that can read it are
+        visited; the average still divides by the whole grid). Adaptive
+        sampling supports reverse-mode derivatives of every order (``grad``,
+        ``grad`` of ``grad``) but not forward mode (``jax.jvp``,
+        ``jax.jacfwd``); a positive ``sampling_ratio`` supports both.
       gamma: scale of the offsets.
 
     Returns:
@@ -110,9 +109,23 @@ def _deform_roi_pool(features, rois, offset, mask, *, output_size, spatial_scale
 
 
 def roi_levels(rois: jax.Array, num_levels: int, finest_scale: float) -> jax.Array:
-    """mmdet's ``SingleRoIExtractor.map_roi_levels``: the FPN level of each RoI,
-    ``clip(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, L - 1)`` (int32; a RoI
-    with an empty or non-finite box gets level 0)."""
+    """The FPN level each RoI is pooled from, as mmdet's ``SingleRoIExtractor.map_roi_levels``.
+
+    Args:
+      rois: ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in image coordinates.
+      num_levels: ``L``, the number of levels.
+      finest_scale: mmdet's ``finest_scale`` (56).
+
+    Returns:
+      ``(R,)`` int32 ``clip(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, L - 1)``;
+      a RoI with an empty or non-finite box gets level 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deformjax import roi_levels
+      >>> roi_levels(jnp.array([[0.0, 0, 0, 50, 50], [0.0, 0, 0, 300, 300]]), 4, 56)
+      Array([0, 2], dtype=int32)
+    """
     x1, y1, x2, y2 = rois[:, 1], rois[:, 2], rois[:, 3], rois[:, 4]
     area = (x2 - x1) * (y2 - y1)
     area = jnp.where(jnp.isfinite(area) & (area > 0), area, 0)
@@ -142,7 +155,7 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
         groups, channels = oh * ow, channels // (oh * ow)
     else:
         groups = 1
-    # Per level: size, scale, first row in the image matrix, largest adaptive grid.
+    # Per level: size, scale, first row in the image matrix.
     sizes = [f.shape[1:3] for f in levels]
     firsts, total_rows = [], 0
     for h_l, w_l in sizes:
@@ -167,16 +180,11 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
     bin_h, bin_w = roi_h / oh, roi_w / ow
 
     if sampling_ratio > 0:
-        grid_h = grid_w = sampling_ratio
         count_h = count_w = jnp.full((num_rois,), sampling_ratio, acc)
     else:
-        # Static grids: the largest level's; each RoI uses at most its own level's.
-        grid_h = max(max(1, math.ceil(s[0] / oh)) for s in sizes)
-        grid_w = max(max(1, math.ceil(s[1] / ow)) for s in sizes)
-        cap_h = per_roi([max(1, math.ceil(s[0] / oh)) for s in sizes], acc)
-        cap_w = per_roi([max(1, math.ceil(s[1] / ow)) for s in sizes], acc)
-        count_h = jnp.clip(jnp.ceil(bin_h), 0, cap_h)
-        count_w = jnp.clip(jnp.ceil(bin_w), 0, cap_w)
+        # Adaptive: torchvision's ceil(roi_height / oh) samples, visited exactly (ragged).
+        count_h = jnp.maximum(jnp.ceil(bin_h), 0)
+        count_w = jnp.maximum(jnp.ceil(bin_w), 0)
 
     # Bin origins (R, oh, ow): the RoI start moved by the bin's offset, plus the
     # bin's place in the RoI (mmcv's order of evaluation).
@@ -188,19 +196,6 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
         x0 = x0 + gamma * roi_w[:, None, None] * off[..., 1]
     y0 = y0 + (jnp.arange(oh, dtype=acc) * bin_h[:, None])[:, :, None]
     x0 = x0 + (jnp.arange(ow, dtype=acc) * bin_w[:, None])[:, None, :]
-
-    # Sample offsets within a bin, in torchvision's evaluation order.
-    index_h = jnp.arange(grid_h, dtype=acc)
-    index_w = jnp.arange(grid_w, dtype=acc)
-    dy = (index_h + 0.5) * bin_h[:, None] / jnp.maximum(count_h, 1)[:, None]  # (R, grid_h)
-    dx = (index_w + 0.5) * bin_w[:, None] / jnp.maximum(count_w, 1)[:, None]  # (R, grid_w)
-
-    # Averaging weight per sample: 1 / count for the first count_h x count_w
-    # samples of each bin, 0 for the surplus of the static adaptive grid (a
-    # zero weight reads nothing).
-    used_h = (index_h < count_h[:, None]).astype(acc)  # (R, grid_h)
-    used_w = (index_w < count_w[:, None]).astype(acc)  # (R, grid_w)
-    total = jnp.maximum(count_h * count_w, 1)
 
     # Batch index: exactly -1 is padding (pools 0, no gradient); anything else
     # outside [0, N) pools NaN. Neither reads a pixel.
@@ -220,6 +215,46 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
         group, pixels = 0, [f.astype(dtype) for f in levels]
     image = sampling.with_zero_row(
         jnp.concatenate([p.reshape(-1, channels) for p in pixels], axis=0))
+
+    if sampling_ratio <= 0:
+        def per_bin(a):  # (R,) -> (R * oh * ow,)
+            return jnp.broadcast_to(jnp.asarray(a)[:, None, None], (num_rois, oh, ow)).reshape(-1)
+
+        y0, x0 = y0.reshape(-1), x0.reshape(-1)
+        first_iy, rows = ragged.visited(y0, per_bin(bin_h), per_bin(count_h), per_bin(h))
+        first_ix, cols = ragged.visited(x0, per_bin(bin_w), per_bin(count_w), per_bin(w))
+        bins = ragged.Bins(
+            bin_h=per_bin(bin_h), bin_w=per_bin(bin_w),
+            count_h=per_bin(jnp.maximum(count_h, 1)), count_w=per_bin(jnp.maximum(count_w, 1)),
+            first_iy=first_iy, first_ix=first_ix, cols=cols, samples=rows * cols,
+            batch=per_bin(jnp.where(reads[:, 0, 0], batch[:, 0, 0], 0)),
+            first_row=per_bin(first), height=per_bin(h), width=per_bin(w),
+            group=jnp.broadcast_to(jnp.asarray(group, jnp.int32), (num_rois, oh, ow, 1, 1)
+                                   ).reshape(-1),
+        )
+        # A RoI that reads nothing (padding, a bad batch index, a non-finite box) visits nothing.
+        bins = bins._replace(samples=jnp.where(per_bin(reads[:, 0, 0]), bins.samples, 0))
+        bins = jax.tree.map(lax.stop_gradient, bins)
+        static = ragged.Static(groups=groups, zero_row=total_rows,
+                               slots=ragged.slots_for(channels, jnp.dtype(acc).itemsize))
+        out = ragged.sums(image, y0, x0, bins, static).reshape(num_rois, oh, ow, channels)
+        total = jnp.maximum(count_h * count_w, 1)
+        out = out / total[:, None, None, None]
+        # A NaN bin origin (a NaN offset) pools NaN, as on the static grid.
+        nan = jnp.isnan(y0) | jnp.isnan(x0)
+        out = jnp.where(nan.reshape(num_rois, oh, ow, 1), jnp.nan, out)
+        return _finish(out, mask, batch_ok & finite, padding, dtype, acc)
+
+    # Sample offsets within a bin, in torchvision's evaluation order.
+    grid_h = grid_w = sampling_ratio
+    index_h = jnp.arange(grid_h, dtype=acc)
+    index_w = jnp.arange(grid_w, dtype=acc)
+    dy = (index_h + 0.5) * bin_h[:, None] / count_h[:, None]  # (R, grid_h)
+    dx = (index_w + 0.5) * bin_w[:, None] / count_w[:, None]  # (R, grid_w)
+    # Averaging weight per sample (an array per grid row, so that rows can be scanned).
+    used_h = jnp.ones((num_rois, grid_h), acc)
+    used_w = jnp.ones((num_rois, grid_w), acc)
+    total = count_h * count_w
 
     def per_sample(a):  # (R,) -> (R, 1, 1, 1, 1)
         return a[:, None, None, None, None]
@@ -253,9 +288,13 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
 
         zeros = jnp.zeros((num_rois, oh, ow, channels), acc)
         out, _ = lax.scan(step, zeros, (dy.T, used_h.T))
+    return _finish(out, mask, batch_ok & finite, padding, dtype, acc)
+
+
+def _finish(out, mask, valid, padding, dtype, acc):
     if mask is not None:
         out = out * mask.astype(acc)
-    out = jnp.where((batch_ok & finite)[:, None, None, None], out, jnp.nan)
+    out = jnp.where(valid[:, None, None, None], out, jnp.nan)
     out = jnp.where(padding[:, None, None, None], 0, out)
     return out.astype(dtype)
 
