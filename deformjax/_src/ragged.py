@@ -70,7 +70,8 @@ class Static(NamedTuple):
     groups: int
     zero_row: int
     slots: int
-    order: tuple[int, int] = (0, 0)  # derivative order of the weights in (y, x)
+    # The weights' derivative orders in (y, x), one output (or input) per order.
+    orders: tuple[tuple[int, int], ...] = ((0, 0),)
 
 
 def slots_for(channels: int, itemsize: int) -> int:
@@ -102,41 +103,24 @@ def visited(origin, bin_size, count, size):
     return first, number.astype(jnp.int32)
 
 
-def _pad(a, k):
-    return jnp.concatenate([a, jnp.zeros((k,) + a.shape[1:], a.dtype)])
-
-
 def _loop(y0, x0, bins: Bins, static: Static, visit, init):
     """Runs ``visit(carry, slot_bin, index, weights)`` over every listed sample, K at a time.
 
-    ``index``, ``weights``: ``(K, 4)`` corner rows and (differentiated) weights;
-    slots without a sample have weight 0 and read the zero row.
+    ``index``: ``(K, 4)`` corner rows; ``weights``: per order of ``static.orders``,
+    ``(K, 4)`` (differentiated) bilinear weights. Slots without a sample have
+    weight 0 and read the zero row; ``slot_bin`` is then ``B`` (out of range).
     """
     num_bins = y0.shape[0]
     k = static.slots
-    padded = jax.tree.map(lambda a: _pad(a, k), (y0, x0, bins))
-    counts = padded[2].samples
+    # Per-bin values in two matrices (one gather each per trip), padded by K bins.
+    floats = jnp.stack([y0, x0, bins.bin_h, bins.bin_w, bins.count_h, bins.count_w,
+                        bins.first_iy, bins.first_ix], axis=1)
+    ints = jnp.stack([bins.cols, bins.batch, bins.first_row, bins.height, bins.width,
+                      bins.group], axis=1)
+    floats, ints = (jnp.concatenate([a, jnp.zeros((k, a.shape[1]), a.dtype)])
+                    for a in (floats, ints))
+    counts = jnp.concatenate([bins.samples, jnp.zeros((k,), jnp.int32)])
     slot = jnp.arange(k, dtype=jnp.int32)
-    order_y, order_x = static.order
-
-    def weights_at(y, x, batch, height, width, group, first_row, live):
-        def w(y, x):
-            return sampling.locate(
-                y, x, batch, size=(height, width), mode="clamp", zero_row=static.zero_row,
-                groups=static.groups, group=group, reads=live, first_row=first_row,
-            )
-
-        index, _ = w(y, x)
-
-        def weights(y, x):
-            return w(y, x)[1]
-
-        fn = weights
-        if order_y:
-            fn = functools.partial(_derivative, fn, axis=0)
-        if order_x:
-            fn = functools.partial(_derivative, fn, axis=1)
-        return index, fn(y, x)
 
     def body(state):
         b, offset, carry = state
@@ -150,16 +134,24 @@ def _loop(y0, x0, bins: Bins, static: Static, visit, init):
         j = jnp.minimum(j, k - 1)
         local = slot - before[j] + jnp.where(j == 0, offset, 0)
         at = b + j
-        y0_, x0_, bb = jax.tree.map(lambda a: a[at], padded)
-        cols = jnp.maximum(bb.cols, 1)
-        iy = bb.first_iy + (local // cols).astype(y0_.dtype)
-        ix = bb.first_ix + (local % cols).astype(x0_.dtype)
+        y0_, x0_, bin_h, bin_w, count_h, count_w, first_iy, first_ix = floats[at].T
+        cols, batch, first_row, height, width, group = ints[at].T
+        cols = jnp.maximum(cols, 1)
+        iy = first_iy + (local // cols).astype(floats.dtype)
+        ix = first_ix + (local % cols).astype(floats.dtype)
         # The order of evaluation of the static-grid path (and of torchvision).
-        y = y0_ + (iy + 0.5) * bb.bin_h / bb.count_h
-        x = x0_ + (ix + 0.5) * bb.bin_w / bb.count_w
-        index, weights = weights_at(y, x, bb.batch, bb.height, bb.width, bb.group,
-                                    bb.first_row, live)
-        weights = jnp.where(live[:, None], weights, 0)
+        y = y0_ + (iy + 0.5) * bin_h / count_h
+        x = x0_ + (ix + 0.5) * bin_w / count_w
+
+        def locate(y, x):
+            return sampling.locate(
+                y, x, batch, size=(height, width), mode="clamp", zero_row=static.zero_row,
+                groups=static.groups, group=group, reads=live, first_row=first_row,
+            )
+
+        index = locate(y, x)[0]
+        weights = [jnp.where(live[:, None], _weights(lambda y, x: locate(y, x)[1], y, x, o), 0)
+                   for o in static.orders]
         carry = visit(carry, jnp.where(live, at, num_bins), index, weights)
         done = jnp.sum(cum <= k).astype(jnp.int32)
         nxt = jnp.minimum(done, k - 1)
@@ -173,6 +165,14 @@ def _loop(y0, x0, bins: Bins, static: Static, visit, init):
     return out
 
 
+def _weights(fn, y, x, order):
+    """``fn(y, x)`` differentiated ``order[0]`` times in ``y`` and ``order[1]`` in ``x``."""
+    for axis, times in enumerate(order):
+        for _ in range(times):
+            fn = functools.partial(_derivative, fn, axis=axis)
+    return fn(y, x)
+
+
 def _derivative(fn, y, x, *, axis):
     """d fn / d y (axis 0) or d x (axis 1), elementwise."""
     tangents = (jnp.ones_like(y), jnp.zeros_like(x)) if axis == 0 else (
@@ -181,30 +181,39 @@ def _derivative(fn, y, x, *, axis):
 
 
 def _sums(image, y0, x0, bins, static):
-    """``(B, C)``: per bin, its samples' (differentiated) bilinear weights times pixels, summed."""
-    value = static.order == (0, 0)
+    """``(O, B, C)``: per order and bin, its samples' (differentiated) weights times pixels."""
 
     def visit(out, at, index, weights):
-        if value:  # a corner whose weight is 0 (or not finite) reads the zero row
-            index = jnp.where(sampling.reads(weights), index, static.zero_row)
-        rows = sampling.weighted_rows(image, index, weights)
-        return out.at[at].add(rows, mode="drop", indices_are_sorted=True)
+        rows = [image.at[index[:, q]].get(mode="promise_in_bounds").astype(y0.dtype)
+                for q in range(4)]
+        new = []
+        for order, w in zip(static.orders, weights):
+            total = 0
+            for q in range(4):
+                r = rows[q]
+                if order == (0, 0):  # a corner whose weight is 0 reads nothing (inf pixels)
+                    r = jnp.where(sampling.reads(w[:, q, None]), r, 0)
+                total = total + w[:, q, None] * r
+            new.append(total)
+        return out.at[:, at].add(jnp.stack(new), mode="drop", indices_are_sorted=True)
 
-    init = jnp.zeros((y0.shape[0], image.shape[1]), y0.dtype)
+    init = jnp.zeros((len(static.orders), y0.shape[0], image.shape[1]), y0.dtype)
     return _loop(y0, x0, bins, static, visit, init)
 
 
 def _sums_transpose(cotangent, y0, x0, bins, static, image_shape, image_dtype):
-    """The transpose of ``_sums`` in the image: ``(rows + 1, C)``."""
-    value = static.order == (0, 0)
+    """The transpose of ``_sums`` in the image: ``(O, B, C)`` -> ``(rows + 1, C)``."""
 
     def visit(grad, at, index, weights):
-        if value:
-            index = jnp.where(sampling.reads(weights), index, static.zero_row)
-        rows = cotangent.at[at].get(mode="fill", fill_value=0)  # (K, C)
-        for corner in range(4):
-            grad = grad.at[index[:, corner]].add(
-                weights[:, corner, None] * rows, mode="promise_in_bounds")
+        rows = cotangent.at[:, at].get(mode="fill", fill_value=0)  # (O, K, C)
+        for q in range(4):
+            total = 0
+            for o, (order, w) in enumerate(zip(static.orders, weights)):
+                term = w[:, q, None] * rows[o]
+                if order == (0, 0):  # nothing (not even 0 * inf) reaches an unread pixel
+                    term = jnp.where(sampling.reads(w[:, q, None]), term, 0)
+                total = total + term
+            grad = grad.at[index[:, q]].add(total, mode="promise_in_bounds")
         return grad
 
     init = jnp.zeros(image_shape, y0.dtype)
@@ -217,29 +226,32 @@ class Transposed(NamedTuple):
     image_dtype: str
 
 
-def _raise(static, axis):
-    """The static settings for the weights differentiated once more along ``axis`` (0: y)."""
-    order = list(static.order)
-    order[axis] += 1
-    return static._replace(order=tuple(order))
+def _origin_cotangents(static, g, values_of):
+    """``(d_y0, d_x0)``: per bin, ``sum_o <g[o], values(order o + 1 along the axis)>``.
 
-
-def _along(static, g, values_of):
-    """Per bin, ``<g, values_of(order + 1 along the axis)>`` for y and x: the bin origins'
-    cotangents (0 along an axis already differentiated: bilinear weights are linear
-    in each coordinate)."""
-    out = []
-    for axis in (0, 1):
-        if static.order[axis]:
-            out.append(jnp.zeros(g.shape[:1], g.dtype))
-        else:
-            out.append(jnp.sum(g * values_of(_raise(static, axis)), axis=-1))
+    ``values_of(orders)`` gives the sums for ``orders``; bilinear weights are
+    linear in each coordinate, so an order already 1 along an axis adds 0.
+    """
+    raised = []  # (output index o, axis, raised order)
+    for o, order in enumerate(static.orders):
+        for axis in (0, 1):
+            if not order[axis]:
+                up = list(order)
+                up[axis] += 1
+                raised.append((o, axis, tuple(up)))
+    out = [jnp.zeros(g.shape[1:2], g.dtype), jnp.zeros(g.shape[1:2], g.dtype)]
+    if not raised:
+        return out
+    orders = tuple(dict.fromkeys(r for _, _, r in raised))
+    values = values_of(static._replace(orders=orders))
+    for o, axis, up in raised:
+        out[axis] = out[axis] + jnp.sum(g[o] * values[orders.index(up)], axis=-1)
     return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def sums(image, y0, x0, bins, static):
-    """Per bin, the sum of its adaptive grid's bilinear samples: ``(B, C)``.
+    """Per order and bin, the sum of its adaptive grid's bilinear samples: ``(O, B, C)``.
 
     Reverse-mode derivatives of every order (through :func:`scatter`); no
     forward mode (``jax.jvp``) since the loop runs a data-dependent number of
@@ -249,7 +261,7 @@ def sums(image, y0, x0, bins, static):
       image: ``(rows + 1, C)`` image matrix with its zero row (``sampling``).
       y0, x0: ``(B,)`` bin origins (float32 or wider), differentiable.
       bins: :class:`Bins`, not differentiated.
-      static: :class:`Static`.
+      static: :class:`Static`; ``O = len(static.orders)``.
     """
     return _sums(image, y0, x0, bins, static)
 
@@ -262,7 +274,7 @@ def _sums_bwd(static, residuals, g):
     image, y0, x0, bins = residuals
     transposed = Transposed(static, image.shape, jnp.dtype(image.dtype).name)
     d_image = scatter(g, y0, x0, bins, transposed)
-    d_y0, d_x0 = _along(static, g, lambda s: sums(image, y0, x0, bins, s))
+    d_y0, d_x0 = _origin_cotangents(static, g, lambda s: sums(image, y0, x0, bins, s))
     return d_image, d_y0, d_x0, None
 
 
@@ -271,7 +283,7 @@ sums.defvjp(_sums_fwd, _sums_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def scatter(g, y0, x0, bins, transposed):
-    """The transpose of :func:`sums` in the image: ``g`` ``(B, C)`` -> ``(rows + 1, C)``."""
+    """The transpose of :func:`sums` in the image: ``g`` ``(O, B, C)`` -> ``(rows + 1, C)``."""
     return _sums_transpose(g, y0, x0, bins, transposed.sums, transposed.image_shape,
                            transposed.image_dtype)
 
@@ -284,7 +296,7 @@ def _scatter_bwd(transposed, residuals, ct):
     g, y0, x0, bins = residuals
     static = transposed.sums
     d_g = sums(ct, y0, x0, bins, static).astype(g.dtype)
-    d_y0, d_x0 = _along(static, g, lambda s: sums(ct, y0, x0, bins, s))
+    d_y0, d_x0 = _origin_cotangents(static, g, lambda s: sums(ct, y0, x0, bins, s))
     return d_g, d_y0, d_x0, None
 
 

@@ -237,7 +237,7 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
         bins = jax.tree.map(lax.stop_gradient, bins)
         static = ragged.Static(groups=groups, zero_row=total_rows,
                                slots=ragged.slots_for(channels, jnp.dtype(acc).itemsize))
-        out = ragged.sums(image, y0, x0, bins, static).reshape(num_rois, oh, ow, channels)
+        out = ragged.sums(image, y0, x0, bins, static)[0].reshape(num_rois, oh, ow, channels)
         total = jnp.maximum(count_h * count_w, 1)
         out = out / total[:, None, None, None]
         # A NaN bin origin (a NaN offset) pools NaN, as on the static grid.
