@@ -49,9 +49,14 @@ _COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
 
 
 def from_linen(model: nnx.Module, variables: dict[str, Any]) -> None:
-    """Loads a linen twin's variables (``{'params': ..., 'batch_stats': ...}``) into
-    ``model`` in place: ``params`` become its ``nnx.Param``s and ``batch_stats``
-    its ``nnx.BatchStat``s, name for name (a missing or extra name raises)."""
+    """Loads a linen twin's variables into ``model``, in place.
+
+    ``variables`` is what the linen twin's ``init`` returned,
+    ``{'params': ..., 'batch_stats': ...}``: ``params`` become the model's
+    ``nnx.Param`` values and ``batch_stats`` its ``nnx.BatchStat`` values, name
+    for name (a missing or extra name raises ``ValueError``). Every array keeps its
+    shape and layout (a kernel ``(kh, kw, C_in, C_out)`` in both front-ends).
+    """
     for collection, kind in _COLLECTIONS:
         state = nnx.state(model, kind)
         if collection not in variables:
@@ -63,8 +68,12 @@ def from_linen(model: nnx.Module, variables: dict[str, Any]) -> None:
 
 
 def to_linen(model: nnx.Module) -> dict[str, Any]:
-    """The variables of ``model``'s linen twin: ``{'params': ...}`` and, when the model
-    has batch statistics, ``'batch_stats'``; ``twin.apply(to_linen(model), x)``."""
+    """The variables of ``model``'s linen twin, for ``twin.apply(to_linen(model), x)``.
+
+    ``{'params': ...}`` and, when the model has batch statistics,
+    ``'batch_stats'``; every array keeps its shape and layout (a kernel
+    ``(kh, kw, C_in, C_out)`` in both front-ends).
+    """
     variables = {}
     for collection, kind in _COLLECTIONS:
         pure = nnx.to_pure_dict(nnx.state(model, kind))

@@ -22,7 +22,12 @@ def window_size(kernel: int, dilation: int) -> int:
 
 
 class LayerGeometry(NamedTuple):
-    """The static geometry of one convolution layer (explicit padding)."""
+    """The static geometry of one convolution layer (explicit padding).
+
+    Fields: ``kernel_size`` ``(kh, kw)``, ``strides`` ``(sh, sw)``, ``padding``
+    ``((top, bottom), (left, right))``, ``dilation`` ``(dh, dw)``; made by
+    :func:`layer_geometry`.
+    """
 
     kernel_size: Pair
     strides: Pair = (1, 1)

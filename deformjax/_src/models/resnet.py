@@ -51,7 +51,10 @@ def check(depth: Any, stage_with_dcn: Any, norm: Any, num_classes: Any, offset_g
 class FrozenBatchNorm(nn.Module):
     """Batch norm with fixed statistics and affine parameters (torchvision's
     ``FrozenBatchNorm2d``): ``scale``, ``bias``, ``mean`` and ``var`` live in the
-    ``batch_stats`` collection, so an optimizer over ``params`` leaves them alone."""
+    ``batch_stats`` collection, so an optimizer over ``params`` leaves them alone.
+
+    Called on ``(..., C)`` (channels last), returns ``(..., C)``: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+    """
 
     epsilon: float = EPS
     dtype: Dtype | None = None

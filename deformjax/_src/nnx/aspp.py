@@ -20,7 +20,8 @@ class ASPP(nnx.Module):
     ``norm_1x1``, ``norm_atrous_i``, ``norm_pool``, ``norm_project``). As every
     NNX module with batch norm and dropout, it starts in training mode (batch
     statistics, dropout with the ``'dropout'`` stream of ``rngs``); call
-    ``model.eval()`` for inference, ``model.train()`` to go back.
+    ``model.eval()`` for inference, ``model.train()`` to go back. Called on
+    ``(N, H, W, in_features)``, returns ``(N, H, W, features)``.
 
     Example:
       >>> import jax.numpy as jnp

@@ -36,6 +36,7 @@ class DCNv3(nnx.Module):
     ``deformjax.nnx.from_linen`` / ``to_linen`` carry them across. The predicted
     offsets and masks are sown as ``nnx.Intermediate`` ``offsets`` and
     ``masks``; read them with ``nnx.capture(layer, nnx.Intermediate)(x)``.
+    Called on ``(*batch, H, W, channels)``, returns the same shape (strides 1).
 
     Example:
       >>> import jax.numpy as jnp

@@ -18,7 +18,10 @@ class FrozenBatchNorm(nnx.Module):
     """Batch norm with fixed statistics and affine parameters (torchvision's
     ``FrozenBatchNorm2d``); the NNX twin of ``deformjax.models.FrozenBatchNorm``:
     ``scale``, ``bias``, ``mean`` and ``var`` are ``nnx.BatchStat``s, which an
-    ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves alone."""
+    ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves alone.
+
+    Called on ``(..., C)`` (channels last), returns ``(..., C)``: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+    """
 
     def __init__(self, num_features: int, *, epsilon: float = EPS, dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32):
@@ -93,7 +96,9 @@ class ResNet(nnx.Module):
     carry them across, and ``deformjax.interop.load_torch_state_dict`` loads
     torch weights into ``to_linen(model)``). As every NNX module with batch norm
     it starts in training mode (``norm='batch'``: batch statistics); call
-    ``model.eval()`` for inference. ``norm='frozen'`` never changes.
+    ``model.eval()`` for inference. ``norm='frozen'`` never changes. Called on
+    ``(N, H, W, 3)``, returns ``(C2, C3, C4, C5)`` (strides 4 to 32) or logits
+    ``(N, num_classes)``.
 
     Example:
       >>> import jax.numpy as jnp
