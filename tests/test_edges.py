@@ -238,6 +238,16 @@ def test_large_sampling_ratio_runs_in_bounded_memory(rng, monkeypatch):
     np.testing.assert_allclose(one_row, grad(features), rtol=1e-10, atol=1e-10)
 
 
+def test_adaptive_sample_count_beyond_int32_raises():
+    wide = jax.ShapeDtypeStruct((1, 2**15, 2**15, 1), jnp.float32)
+    rois = jax.ShapeDtypeStruct((3, 5), jnp.float32)
+    message = re.escape("deform_roi_pool: adaptive sampling (sampling_ratio <= 0) counts a bin's "
+                        "samples in int32: (2 * H + 5) * (2 * W + 5) = 4295622681")
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(functools.partial(deform_roi_pool, output_size=7), wide, rois)
+    jax.eval_shape(functools.partial(deform_roi_pool, output_size=7, sampling_ratio=2), wide, rois)
+
+
 def test_inputs_too_large_for_int32_rows_raise():
     big = jax.ShapeDtypeStruct((2**16, 2**8, 2**8, 8), jnp.float32)
     offset = jax.ShapeDtypeStruct((2**16, 2**8, 2**8, 18), jnp.float32)

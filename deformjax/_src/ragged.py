@@ -28,7 +28,11 @@ in each coordinate, so the family value, d/dy, d/dx, d2/dxdy closes). Both
 are ``custom_vjp`` functions whose backward passes are made of each other, so
 reverse mode of every order follows (``grad`` of ``grad``); forward mode does
 not (a ``while_loop`` with a data-dependent trip count has no transpose, so
-the derivative cannot be a ``custom_jvp``).
+the derivative cannot be a ``custom_jvp``). Tried for forward mode as well:
+``linear_call`` (no batching rule in jax 0.10) and ``lax.custom_linear_solve``
+embedding the map as ``(image, bins) -> (0, sums(image) + bins)`` (forward,
+reverse and ``vmap`` right, but it drops the tangents of its solve's
+constants, the bin origins, so second derivatives came out wrong).
 """
 
 from __future__ import annotations

@@ -320,6 +320,14 @@ def _check(features, rois, offset, mask, output_size, spatial_scale, sampling_ra
                         f"N * H * W * oh * ow + 1 = {n} * {h} * {w} * {oh * ow} + 1")
     else:
         args.check_rows(fn, n * h * w + 1, f"N * H * W + 1 = {n} * {h} * {w} + 1")
+    visits = (2 * h + 5) * (2 * w + 5)  # adaptive sampling's bound on one bin's visited samples
+    if sampling_ratio <= 0 and isinstance(visits, int) and visits > args.MAX_ROWS:
+        raise args.fail(
+            fn,
+            f"adaptive sampling (sampling_ratio <= 0) counts a bin's samples in int32: "
+            f"(2 * H + 5) * (2 * W + 5) = {visits} must be at most 2**31 - 1; got H, W = {h}, "
+            f"{w} (use a positive sampling_ratio)",
+        )
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise args.fail(
             fn, f"rois must have shape (R, 5) [batch_index, x1, y1, x2, y2]; got {rois.shape}"
