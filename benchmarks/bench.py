@@ -62,6 +62,19 @@ SHAPES = {
 }
 
 
+def machine(with_torch: bool) -> dict:
+    """What a result was measured on: jax and its device, the CPU, torch if it was timed."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "device": f"{device.platform} {device.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__ if with_torch else None,
+        "torchvision": torchvision.__version__ if with_torch else None,
+    }
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each zero-argument callable, timed in turn, after a warm-up."""
     for fn in fns.values():
@@ -214,16 +227,8 @@ def main(argv=None):
     repeats = opts.repeats or (5 if opts.quick else 15)
     with_torch = torch is not None and not opts.no_torch
 
-    device = jax.devices()[0]
     report = {
-        "machine": {
-            "jax": jax.__version__,
-            "device": f"{device.platform} {device.device_kind}",
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__ if with_torch else None,
-            "torchvision": torchvision.__version__ if with_torch else None,
-        },
+        "machine": machine(with_torch),
         "repeats": repeats,
         "conv": {},
     }

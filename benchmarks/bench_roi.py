@@ -36,7 +36,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 
 import jax
@@ -46,7 +45,7 @@ import numpy as np
 from deformjax import deform_ps_roi_pool, deform_roi_pool, multi_level_deform_roi_pool, roi_levels
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench import interleaved, torch  # noqa: E402  (one timing discipline, torch optional)
+from bench import interleaved, machine, torch  # noqa: E402  (one timing discipline, torch optional)
 
 if torch is not None:
     import torchvision
@@ -206,16 +205,8 @@ def main(argv=None):
     # torchvision's CPU kernels take seconds at detection scale: fewer repeats
     torch_repeats = max(1, math.ceil(repeats / 2))
     with_torch = torch is not None and not opts.no_torch
-    device = jax.devices()[0]
     report = {
-        "machine": {
-            "jax": jax.__version__,
-            "device": f"{device.platform} {device.device_kind}",
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__ if with_torch else None,
-            "torchvision": torchvision.__version__ if with_torch else None,
-        },
+        "machine": machine(with_torch),
         "smoke": opts.smoke,
         "repeats": repeats,
         "torch_repeats": torch_repeats,
