@@ -251,25 +251,21 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
     index_w = jnp.arange(grid_w, dtype=acc)
     dy = (index_h + 0.5) * bin_h[:, None] / count_h[:, None]  # (R, grid_h)
     dx = (index_w + 0.5) * bin_w[:, None] / count_w[:, None]  # (R, grid_w)
-    # Averaging weight per sample (an array per grid row, so that rows can be scanned).
-    used_h = jnp.ones((num_rois, grid_h), acc)
-    used_w = jnp.ones((num_rois, grid_w), acc)
-    total = count_h * count_w
+    weight = 1.0 / (grid_h * grid_w)  # the averaging weight of every sample
 
     def per_sample(a):  # (R,) -> (R, 1, 1, 1, 1)
         return a[:, None, None, None, None]
 
-    def rows_of_grid(dy, used_h):
+    def rows_of_grid(dy):
         """The weighted samples of some rows of every bin's grid, summed: (R, oh, ow, C).
 
-        ``dy``, ``used_h``: ``(R, k)`` for ``k`` rows of the grid.
+        ``dy``: ``(R, k)`` for ``k`` rows of the grid.
         """
         ys = y0[..., None, None] + dy[:, None, None, :, None]  # (R, oh, ow, k, 1)
         xs = x0[..., None, None] + dx[:, None, None, None, :]  # (R, oh, ow, 1, grid_w)
-        weight = (used_h[:, :, None] * used_w[:, None, :]) / total[:, None, None]
         index, weights = sampling.locate(
             ys, xs, batch[..., None, None], size=(per_sample(h), per_sample(w)), mode="clamp",
-            zero_row=total_rows, scale=weight[:, None, None], reads=reads[..., None, None],
+            zero_row=total_rows, scale=weight, reads=reads[..., None, None],
             groups=groups, group=group, first_row=per_sample(first),
         )
         guard = sampling.bounds_guard(index)
@@ -279,15 +275,14 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
     # at a time, so that temporaries stay bounded whatever the sampling ratio.
     sample_bytes = num_rois * oh * ow * grid_h * grid_w * channels * 4 * jnp.dtype(acc).itemsize
     if isinstance(sample_bytes, int) and sample_bytes <= _VECTORIZED_BYTES:
-        out = rows_of_grid(dy, used_h)
+        out = rows_of_grid(dy)
     else:
         @jax.checkpoint  # the backward pass recomputes each row instead of stacking them
-        def step(out, row):
-            dy_row, used_row = row
-            return out + rows_of_grid(dy_row[:, None], used_row[:, None]), None
+        def step(out, dy_row):
+            return out + rows_of_grid(dy_row[:, None]), None
 
         zeros = jnp.zeros((num_rois, oh, ow, channels), acc)
-        out, _ = lax.scan(step, zeros, (dy.T, used_h.T))
+        out, _ = lax.scan(step, zeros, dy.T)
     return _finish(out, mask, batch_ok & finite, padding, dtype, acc)
 
 
