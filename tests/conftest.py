@@ -5,12 +5,21 @@ subprocess, because XLA_FLAGS must be set before jax is imported.
 """
 
 import json
+import os
 import pathlib
 
-import jax
-import numpy as np
-import pytest
+# The tests check values, not speed: LLVM's optimisation of the CPU kernels
+# (XLA's backend optimisation level; the HLO passes, fusion included, still
+# run) was about 40% of the suite's CPU time. Subprocesses (examples, several
+# hosts) inherit it through the environment. Benchmarks run without it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false", "False"))
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
