@@ -4,21 +4,28 @@
     python benchmarks/bench.py --shapes A      # shape A only
     python benchmarks/bench.py --quick         # fewer repeats
 
-Shapes (NHWC, 3x3 kernel, padding 1, offsets ~ N(0, 2^2), float32):
-  small  N=2, 16x16, C_in=C_out=32
-  A      N=4, 32x32, C_in=C_out=128   (the shape the targets refer to)
-  large  N=8, 64x64, C_in=C_out=256
+Shapes (NHWC, 3x3 kernel, padding 1, modulated (DCN v2), offsets ~ N(0, 2^2),
+float32), the layer shapes of real models:
+  small         N=2, 16x16, 32->32
+  A             N=4, 32x32, 128->128
+  r50_c3        N=2, 100x168, 128->128           (ResNet-50-DCNv2, stage c3)
+  r50_c4_g4     N=2, 50x84, 256->256, 4 offset groups (stage c4)
+  edvr_g8       N=4, 64x64, 64->64, 8 offset groups   (EDVR alignment)
+  centernet     N=2, 128x128, 64->64            (CenterNet's DCN up-sampling)
+  depthwise_g4  N=8, 56x56, 64 channels, feature_group_count 64, 4 offset groups
+  large         N=8, 64x64, 256->256            (not run by default)
 
-For every shape: deformjax forward and forward+backward (gradients for x,
-offset and kernel), the same for lax.conv_general_dilated, the temporary
-memory of the compiled forward+backward (XLA's memory_analysis) against the
-im2col buffer N*H*W*K*C*4 bytes, and, when torch and torchvision are
-importable, torchvision.ops.deform_conv2d forward and forward+backward.
-Then jax.vmap over 4 single images of shape A (modulated, loss sum(y**2))
-against one batched call of the same work, forward and gradient. Then
-deform_roi_pool forward+backward (2 feature maps of 64x64x256, 256 RoIs,
-7x7 bins, sampling_ratio 2, with offsets) against torchvision.ops.roi_align
-(aligned=True, no offsets) forward+backward.
+For every shape: deformjax forward and forward+backward (loss sum(y**2), so
+that XLA can drop nothing; gradients of x, offset, mask and kernel), the same
+for lax.conv_general_dilated (gradients of x and kernel), the temporary memory
+of the compiled forward and of the compiled forward+backward (XLA's
+memory_analysis) against the im2col buffer N*H*W*9*C_in*4 bytes, and, when
+torch and torchvision are importable, torchvision.ops.deform_conv2d forward and
+forward+backward with the same inputs and loss.
+Then jax.vmap over 4 single images of shape A against one batched call of the
+same work, forward and gradient. Then deform_roi_pool forward+backward (2
+feature maps of 64x64x256, 256 RoIs, 7x7 bins, sampling_ratio 2, with offsets)
+against torchvision.ops.roi_align (aligned=True, no offsets) forward+backward.
 
 Each comparison is timed interleaved (deformjax, peer, deformjax, peer, ...)
 after a warm-up; each figure is the median over the repeats, and every ratio
@@ -55,11 +62,18 @@ try:  # torch is optional: a peer to compare with, never a dependency
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None
 
+# name: (N, H, W, C_in, C_out, offset_groups, feature_group_count)
 SHAPES = {
-    "small": (2, 16, 16, 32, 32),
-    "A": (4, 32, 32, 128, 128),
-    "large": (8, 64, 64, 256, 256),
+    "small": (2, 16, 16, 32, 32, 1, 1),
+    "A": (4, 32, 32, 128, 128, 1, 1),
+    "r50_c3": (2, 100, 168, 128, 128, 1, 1),
+    "r50_c4_g4": (2, 50, 84, 256, 256, 4, 1),
+    "edvr_g8": (4, 64, 64, 64, 64, 8, 1),
+    "centernet": (2, 128, 128, 64, 64, 1, 1),
+    "depthwise_g4": (8, 56, 56, 64, 64, 4, 64),
+    "large": (8, 64, 64, 256, 256, 1, 1),
 }
+DEFAULT_SHAPES = [name for name in SHAPES if name != "large"]
 
 
 def machine(with_torch: bool) -> dict:
@@ -88,46 +102,64 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def conv_case(shape, repeats, with_torch):
-    n, h, w, c_in, c_out = shape
+def conv_inputs(shape, dtype=np.float32):
+    """x, offset, mask, kernel of a shape (numpy), the same for every library."""
+    n, h, w, c_in, c_out, groups, fg = shape
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, h, w, c_in)).astype(np.float32)
-    offset = rng.normal(scale=2.0, size=(n, h, w, 18)).astype(np.float32)
-    kernel = (rng.normal(size=(3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(np.float32)
-    xj, oj, kj = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(kernel)
+    x = rng.normal(size=(n, h, w, c_in)).astype(dtype)
+    offset = rng.normal(scale=2.0, size=(n, h, w, 2 * groups * 9)).astype(dtype)
+    mask = rng.uniform(size=(n, h, w, groups * 9)).astype(dtype)
+    kernel = (rng.normal(size=(3, 3, c_in // fg, c_out)) / np.sqrt(9 * c_in // fg)).astype(dtype)
+    return x, offset, mask, kernel
 
-    def deform(x, offset, kernel):
-        return deform_conv(x, offset, kernel, padding=1)
+
+def temp_bytes(jitted, *operands) -> int:
+    return int(jitted.lower(*operands).compile().memory_analysis().temp_size_in_bytes)
+
+
+def conv_case(shape, repeats, with_torch):
+    n, h, w, c_in, c_out, groups, fg = shape
+    x, offset, mask, kernel = conv_inputs(shape)
+    xj, oj, mj, kj = (jnp.asarray(a) for a in (x, offset, mask, kernel))
+
+    def deform(x, offset, mask, kernel):
+        return deform_conv(x, offset, kernel, mask, padding=1, feature_group_count=fg)
 
     def plain(x, kernel):
         return lax.conv_general_dilated(
-            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=fg,
         )
 
+    def loss(fn):  # uses every output element, so XLA can drop nothing
+        return lambda *a: (fn(*a) ** 2).sum()
+
     deform_fwd = jax.jit(deform)
-    deform_bwd = jax.jit(jax.grad(lambda *a: deform(*a).sum(), argnums=(0, 1, 2)))
+    deform_bwd = jax.jit(jax.grad(loss(deform), argnums=(0, 1, 2, 3)))
     plain_fwd = jax.jit(plain)
-    plain_bwd = jax.jit(jax.grad(lambda *a: plain(*a).sum(), argnums=(0, 1)))
+    plain_bwd = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))
     ours = {
-        "deformjax_fwd": lambda: jax.block_until_ready(deform_fwd(xj, oj, kj)),
-        "deformjax_fwd_bwd": lambda: jax.block_until_ready(deform_bwd(xj, oj, kj)),
+        "deformjax_fwd": lambda: jax.block_until_ready(deform_fwd(xj, oj, mj, kj)),
+        "deformjax_fwd_bwd": lambda: jax.block_until_ready(deform_bwd(xj, oj, mj, kj)),
     }
     peers = {
         "lax_conv_fwd": lambda: jax.block_until_ready(plain_fwd(xj, kj)),
         "lax_conv_fwd_bwd": lambda: jax.block_until_ready(plain_bwd(xj, kj)),
     }
     if with_torch:
-        tx = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
-        to = torch.tensor(offset.transpose(0, 3, 1, 2).copy(), requires_grad=True)
-        tw = torch.tensor(kernel.transpose(3, 2, 0, 1).copy(), requires_grad=True)
+        def t(a, perm):
+            return torch.tensor(a.transpose(perm).copy(), requires_grad=True)
+
+        tx, to, tm = (t(a, (0, 3, 1, 2)) for a in (x, offset, mask))
+        tw = t(kernel, (3, 2, 0, 1))
 
         def torch_fwd():
             with torch.no_grad():
-                torchvision.ops.deform_conv2d(tx, to, tw, padding=1)
+                torchvision.ops.deform_conv2d(tx, to, tw, padding=1, mask=tm)
 
         def torch_fwd_bwd():
-            out = torchvision.ops.deform_conv2d(tx, to, tw, padding=1)
-            torch.autograd.grad(out.sum(), (tx, to, tw))
+            out = torchvision.ops.deform_conv2d(tx, to, tw, padding=1, mask=tm)
+            torch.autograd.grad((out ** 2).sum(), (tx, to, tm, tw))
 
         peers["torchvision_fwd"] = torch_fwd
         peers["torchvision_fwd_bwd"] = torch_fwd_bwd
@@ -141,15 +173,17 @@ def conv_case(shape, repeats, with_torch):
         result[f"{mine}_vs_{name}"] = pair[mine]
     result["deformjax_fwd"] = result["deformjax_fwd_vs_lax_conv_fwd"]
     result["deformjax_fwd_bwd"] = result["deformjax_fwd_bwd_vs_lax_conv_fwd_bwd"]
-    memory = deform_bwd.lower(xj, oj, kj).compile().memory_analysis()
-    result["temp_bytes_fwd_bwd"] = int(memory.temp_size_in_bytes)
+    result["temp_bytes_fwd"] = temp_bytes(deform_fwd, xj, oj, mj, kj)
+    result["temp_bytes_fwd_bwd"] = temp_bytes(deform_bwd, xj, oj, mj, kj)
+    result["lax_conv_temp_bytes_fwd"] = temp_bytes(plain_fwd, xj, kj)
+    result["lax_conv_temp_bytes_fwd_bwd"] = temp_bytes(plain_bwd, xj, kj)
     result["im2col_bytes"] = n * h * w * 9 * c_in * 4
     return result
 
 
 def vmap_case(repeats):
     """jax.vmap over N single images against one batched call of the same work (shape A)."""
-    n, h, w, c_in, c_out = SHAPES["A"]
+    n, h, w, c_in, c_out, _, _ = SHAPES["A"]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, 1, h, w, c_in)), jnp.float32)
     offset = jnp.asarray(rng.normal(scale=2.0, size=(n, 1, h, w, 18)), jnp.float32)
@@ -216,7 +250,7 @@ def roi_case(repeats, with_torch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-torch", action="store_true", help="skip torchvision even if present")
@@ -235,18 +269,21 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores; "
           f"torchvision: {report['machine']['torchvision'] or 'not installed'}; "
           f"medians of {repeats} interleaved runs, milliseconds\n")
-    header = (f"{'shape':<7}{'dj fwd':>9}{'conv fwd':>10}{'ratio':>7}{'dj f+b':>9}{'conv f+b':>10}"
-              f"{'ratio':>7}{'temp/im2col':>13}{'tv fwd':>9}{'speedup':>9}{'tv f+b':>9}{'speedup':>9}")
+    header = (f"{'shape':<13}{'dj fwd':>9}{'conv fwd':>10}{'ratio':>7}{'dj f+b':>9}{'conv f+b':>10}"
+              f"{'ratio':>7}{'tmp fwd':>9}{'tmp f+b':>9}{'tv fwd':>9}{'speedup':>9}{'tv f+b':>9}"
+              f"{'speedup':>9}")
     print(header)
+    print(" " * 62 + "(temps over im2col)")
     for name in opts.shapes:
         r = conv_case(SHAPES[name], repeats, with_torch)
         r["fwd_ratio_vs_lax_conv"] = r["deformjax_fwd"] / r["lax_conv_fwd"]
         r["fwd_bwd_ratio_vs_lax_conv"] = r["deformjax_fwd_bwd"] / r["lax_conv_fwd_bwd"]
-        r["temp_over_im2col"] = r["temp_bytes_fwd_bwd"] / r["im2col_bytes"]
-        line = (f"{name:<7}{r['deformjax_fwd'] * 1e3:>9.1f}{r['lax_conv_fwd'] * 1e3:>10.1f}"
+        r["temp_fwd_over_im2col"] = r["temp_bytes_fwd"] / r["im2col_bytes"]
+        r["temp_fwd_bwd_over_im2col"] = r["temp_bytes_fwd_bwd"] / r["im2col_bytes"]
+        line = (f"{name:<13}{r['deformjax_fwd'] * 1e3:>9.1f}{r['lax_conv_fwd'] * 1e3:>10.1f}"
                 f"{r['fwd_ratio_vs_lax_conv']:>7.2f}{r['deformjax_fwd_bwd'] * 1e3:>9.1f}"
                 f"{r['lax_conv_fwd_bwd'] * 1e3:>10.1f}{r['fwd_bwd_ratio_vs_lax_conv']:>7.2f}"
-                f"{r['temp_over_im2col']:>13.2f}")
+                f"{r['temp_fwd_over_im2col']:>9.2f}{r['temp_fwd_bwd_over_im2col']:>9.2f}")
         if with_torch:
             r["speedup_vs_torchvision_fwd"] = (
                 r["torchvision_fwd"] / r["deformjax_fwd_vs_torchvision_fwd"]
@@ -258,7 +295,7 @@ def main(argv=None):
                      f"{r['torchvision_fwd_bwd'] * 1e3:>9.1f}"
                      f"{r['speedup_vs_torchvision_fwd_bwd']:>9.1f}")
         print(line, flush=True)
-        report["conv"][name] = {"shape_n_h_w_cin_cout": SHAPES[name], **r}
+        report["conv"][name] = {"shape_n_h_w_cin_cout_groups_fgroups": SHAPES[name], **r}
     if not opts.no_vmap:
         r = vmap_case(repeats)
         print(f"\nvmap over 4 single images vs one batched call (shape A, modulated, loss "

@@ -38,20 +38,12 @@ from jax import lax
 from deformjax import deform_conv
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench import interleaved  # noqa: E402  (the same timing discipline as the CPU benchmark)
+import bench  # noqa: E402  (the shapes and timing discipline of the CPU benchmark)
+from bench import interleaved  # noqa: E402
 import bench_dcnv3  # noqa: E402
 from deformjax import dcnv3  # noqa: E402
 
-# name: (N, H, W, C_in, C_out, offset_groups, feature_group_count)
-SHAPES = {
-    "A": (4, 32, 32, 128, 128, 1, 1),
-    "r50_c3": (2, 100, 168, 128, 128, 1, 1),
-    "r50_c4_g4": (2, 50, 84, 256, 256, 4, 1),
-    "edvr_g8": (4, 64, 64, 64, 64, 8, 1),
-    "centernet": (2, 128, 128, 64, 64, 1, 1),
-    "depthwise_g4": (8, 56, 56, 64, 64, 4, 64),
-    "small": (2, 16, 16, 32, 32, 1, 1),
-}
+SHAPES = {name: shape for name, shape in bench.SHAPES.items() if name != "large"}
 
 
 def smoke_shape(shape):

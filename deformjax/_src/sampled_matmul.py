@@ -1,18 +1,22 @@
-"""The deformable im2col matrix times a kernel, computed a chunk of rows at a time.
+"""Deformable convolution's sampled matrix product, a chunk of output rows at a time.
 
 ``deform_conv`` reduces to ``out = cols @ kernel`` where each row of ``cols``
 holds the bilinear samples of one output position (``sampling.gather``). On a
-CPU the speed of this step is set by memory traffic: a full ``cols`` matrix and
-the per-corner temporaries of its backward pass do not fit in the caches. So:
+CPU the speed of this step is set by memory traffic, and its memory by what
+is kept per sample: the im2col matrix ``cols`` (``K * C_in`` values per output
+position) and the corner rows and weights of every sample (``K * G * 8``
+values, as large as ``cols`` when an offset group has 8 channels). So nothing
+of either is built for the whole output:
 
-* the primal is computed in a few statically unrolled chunks of rows, each a
-  gather feeding a matrix product;
+* the primal is a loop over chunks of output rows (``lax.fori_loop``); each
+  chunk computes its sampling points from its rows of ``offset`` and ``mask``
+  (``sampling.locate``), gathers its columns and multiplies them with the
+  kernel, so the forward pass's temporaries are one chunk's;
 * derivatives (a ``custom_jvp`` whose tangent is linear, so reverse mode is
   its transpose) are computed chunk by chunk in a ``lax.map`` under
-  ``jax.checkpoint``: each chunk recomputes its samples instead of saving them,
-  and the chunk's columns, its four corner scatters and its matrix products
-  stay in cache. Temporaries of a forward + backward pass stay below one
-  im2col matrix.
+  ``jax.checkpoint``: each chunk recomputes its points and samples instead of
+  saving them, and the chunk's columns, its four corner scatters and its
+  matrix products stay in cache.
 
 The tangent rule is ordinary differentiable JAX, so forward mode, reverse
 mode, and derivatives of any order all work, and all of them equal those of
@@ -27,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -34,44 +39,72 @@ from deformjax._src import sampling
 
 
 class Spec(NamedTuple):
-    """Static description of a sampled matrix product (hashable)."""
+    """Static description of a deformable convolution's sampled product (hashable)."""
 
-    taps: int  # K = kh * kw
+    batch: int  # N
+    image_hw: tuple[int, int]  # (H, W)
+    out_hw: tuple[int, int]  # (H_out, W_out)
+    kernel_hw: tuple[int, int]  # (kh, kw)
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    origin: tuple[int, int]  # (top, left) padding
+    groups: int  # offset groups G
+    modulated: bool
     feature_groups: int  # F
     c_in: int
     c_out: int
     dtype: Any  # dtype of the columns and the kernel in the product
-    acc_dtype: Any  # dtype of samples, weights and sums
+    acc_dtype: Any  # dtype of points, samples, weights and sums
     precision: Any
-    primal_chunk: int | None  # rows per chunk of the primal on a CPU; None: one chunk
-    tangent_chunk: int | None  # rows per chunk of derivatives on a CPU; None: one chunk
+    chunk: int | None  # output rows per chunk on a CPU; None: one chunk
+    tangent_chunk: int | None  # output rows per chunk of derivatives on a CPU
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_hw[0] * self.kernel_hw[1]
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.out_hw[0] * self.out_hw[1]
 
 
-# Bytes of columns per chunk on the CPU, measured on a 2-core machine
-# (benchmarks/bench.py): unrolled primal chunks of about 2.5 MB,
-# derivative chunks of about 1.2 MB; at most _MAX_UNROLLED primal chunks.
-# Accelerators get a single chunk. The policy is chosen when the computation
-# is lowered (``lax.platform_dependent``), so ``jax.export`` for another
-# platform, or for several, gets each platform's own.
-_PRIMAL_CHUNK_BYTES = {"cpu": 5 * 2**19}
-_TANGENT_CHUNK_BYTES = {"cpu": 5 * 2**18}
-_MAX_UNROLLED = 32
+# Bytes of columns (one chunk's im2col rows) per chunk on the CPU. Chunks of
+# this size keep a chunk's working set (columns, corner rows, points) within a
+# CPU's L2 + L3 share and its temporaries a small fraction of the im2col matrix
+# at every benchmarked shape (benchmarks/bench.py); derivative chunks hold four
+# corner scatters besides, so they are smaller. Accelerators get one chunk.
+# The policy is chosen when the computation is lowered
+# (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
+# several, gets each platform's own.
+_PRIMAL_CHUNK_BYTES = {"cpu": 2**21}
+_TANGENT_CHUNK_BYTES = {"cpu": 2**19}
 
 
 def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
-    """Rows per chunk on the CPU, evened out over the chunks; None for one chunk.
+    """Rows per chunk on the CPU; None for one chunk.
 
-    A symbolic row count (``jax.export`` with a symbolic batch or image size)
-    gets one chunk: the number of chunks must be static.
+    At most the rows of the chunk size in bytes; a divisor of ``rows`` where
+    one of at least half that size exists (chunks of a derivative then need no
+    padded copies of the offsets, the mask, their tangents and cotangents),
+    else evened out over the chunks. A symbolic row count (``jax.export`` with
+    a symbolic batch or image size) gets one chunk: the number of chunks must
+    be static.
     """
     table = _TANGENT_CHUNK_BYTES if tangent else _PRIMAL_CHUNK_BYTES
     if not isinstance(rows, int) or rows <= 1:
         return None
-    count = -(-rows * row_bytes // table["cpu"])
-    if not tangent:
-        count = min(count, _MAX_UNROLLED)
-    count = max(1, min(count, rows))
-    return None if count == 1 else -(-rows // count)
+    target = max(1, table["cpu"] // row_bytes)
+    if rows <= target:
+        return None
+    divisor = max(d for d in _divisors(rows) if d <= target)
+    if 2 * divisor >= target:
+        return divisor
+    return -(-rows // -(-rows // target))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return small + [n // d for d in small]
 
 
 def per_platform(fn, chunk, *operands):
@@ -85,14 +118,64 @@ def per_platform(fn, chunk, *operands):
     )
 
 
-def _rows(spec: Spec, image, index, weights, kmat, guard) -> jax.Array:
-    """Output rows ``(M, C_out)`` in acc_dtype from samples ``(M, K * G)``."""
-    rows = index.shape[0]
-    cols = sampling.gather(image, index, weights, guard=guard)
-    return _times_kernel(spec, cols.reshape(rows, spec.taps * spec.c_in), kmat)
+def origins(spec: Spec) -> jax.Array:
+    """``(M, 3)`` int32: per output row, its image and the top-left of its window.
+
+    Computed once for all rows and sliced per chunk: an integer division
+    inside a chunk would be fused into, and repeated by, every sample.
+    """
+    ho, wo = spec.out_hw
+    ids = jnp.arange(spec.rows, dtype=jnp.int32)
+    pos = ids % (ho * wo)
+    return jnp.stack([ids // (ho * wo), (pos // wo) * spec.strides[0] - spec.origin[0],
+                      (pos % wo) * spec.strides[1] - spec.origin[1]], axis=-1)
+
+
+def locate(spec: Spec, origin, offset, mask):
+    """Corner rows and weights of some output rows.
+
+    Args:
+      spec: the layer.
+      origin: ``(rows, 3)`` int32, these rows of :func:`origins`.
+      offset: ``(rows, G * K * 2)`` offsets of these rows, indexed ``(g, t, {dy, dx})``.
+      mask: ``(rows, G * K)`` modulation, or anything when not ``spec.modulated``.
+
+    Returns:
+      ``(index, weights)``, ``(rows, K * G, 4)`` each (``sampling.locate``),
+      tap-major so that the samples come out as im2col rows ``(rows, K * C_in)``.
+    """
+    rows = offset.shape[0]
+    (kh, kw), (dh, dw) = spec.kernel_hw, spec.dilation
+    groups, taps, acc = spec.groups, spec.taps, spec.acc_dtype
+    tap_y = np.repeat(np.arange(kh) * dh, kw).astype(np.int32)  # (K,), tap t = i * kw + j
+    tap_x = np.tile(np.arange(kw) * dw, kh).astype(np.int32)
+    # The integer grid is exact; it becomes acc_dtype before the offset is added.
+    batch = origin[:, 0]
+    grid_y = origin[:, 1, None] + tap_y  # (rows, K)
+    grid_x = origin[:, 2, None] + tap_x
+    off = offset.astype(acc).reshape(rows, groups, taps, 2).transpose(0, 2, 1, 3)  # (rows, K, G, 2)
+    ys = grid_y.astype(acc)[..., None] + off[..., 0]
+    xs = grid_x.astype(acc)[..., None] + off[..., 1]
+    scale = None
+    if spec.modulated:
+        scale = mask.astype(acc).reshape(rows, groups, taps).transpose(0, 2, 1)
+    h, w = spec.image_hw
+    index, weights = sampling.locate(
+        ys,
+        xs,
+        batch[:, None, None],
+        size=(h, w),
+        mode="zeros",
+        zero_row=spec.batch * h * w * groups,
+        scale=scale,
+        groups=groups,
+        group=jnp.arange(groups),
+    )  # (rows, K, G, 4) each
+    return index.reshape(rows, taps * groups, 4), weights.reshape(rows, taps * groups, 4)
 
 
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
+    """``(rows, K * C_in)`` columns times the kernel: ``(rows, C_out)`` in acc_dtype."""
     rows, fg = cols.shape[0], spec.feature_groups
     cols = cols.astype(spec.dtype)
     if fg == 1:  # one plain matrix product, which XLA lays out best
@@ -112,64 +195,92 @@ def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
     return out.reshape(rows, spec.c_out)
 
 
-def _pad_rows(array, total):
-    return jnp.pad(array, [(0, total - array.shape[0])] + [(0, 0)] * (array.ndim - 1))
+def _rows(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
+    """Output rows ``(rows, C_out)`` in acc_dtype (arguments as in :func:`locate`)."""
+    index, weights = locate(spec, origin, offset, mask)
+    cols = sampling.gather(image, index, weights, guard=sampling.bounds_guard(index))
+    return _times_kernel(spec, cols.reshape(index.shape[0], spec.taps * spec.c_in), kmat)
+
+
+def _mask_rows(spec: Spec, mask):
+    """The rows of ``mask`` to slice along with the offsets (a placeholder when unmodulated)."""
+    return mask if spec.modulated else jnp.zeros((spec.rows, 0), spec.acc_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def sampled_matmul(spec: Spec, image, index, weights, kmat) -> jax.Array:
-    """``gather(image, index, weights) @ kmat``, row chunk by row chunk.
+def deform_matmul(spec: Spec, image, offset, mask, kmat) -> jax.Array:
+    """``gather(image, *locate(offset, mask)) @ kmat``, chunk by chunk of output rows.
 
     Args:
       spec: static shapes and settings.
       image: ``(N * H * W * G + 1, C_in / G)``, the input as rows of channel
         blocks, then the zero row (``sampling.with_zero_row``).
-      index: ``(M, K * G, 4)`` int32 corner rows (``sampling.locate``).
-      weights: ``(M, K * G, 4)`` bilinear weights (mask folded in).
+      offset: ``(M, G * K * 2)`` with ``M = N * H_out * W_out`` rows.
+      mask: ``(M, G * K)``; ignored (any array) when not ``spec.modulated``.
       kmat: ``(K, C_in / F, F, C_out / F)`` kernel.
 
     Returns:
       ``(M, C_out)`` in ``spec.acc_dtype``.
     """
-    return per_platform(functools.partial(_primal, spec), spec.primal_chunk,
-                         image, index, weights, kmat)
+    return per_platform(functools.partial(_primal, spec), spec.chunk,
+                        image, offset, _mask_rows(spec, mask), kmat)
 
 
-def _primal(spec, chunk, image, index, weights, kmat):
-    rows = index.shape[0]
-    guard = sampling.bounds_guard(index)
+def _primal(spec, chunk, image, offset, mask, kmat):
+    m = spec.rows
     if chunk is None:
-        return _rows(spec, image, index, weights, kmat, guard)
-    pieces = [
-        _rows(spec, image, index[start:start + chunk], weights[start:start + chunk], kmat, guard)
-        for start in range(0, rows, chunk)
-    ]
-    return jnp.concatenate(pieces, axis=0)
+        return _rows(spec, image, origins(spec), offset, mask, kmat)
+    origin = origins(spec)
+
+    def step(i, out):
+        # The last chunk ends at the last row (it may overlap the one before;
+        # the overlapped rows are written twice with the same values).
+        start = jnp.minimum(i * chunk, m - chunk).astype(jnp.int32)
+        rows = _rows(spec, image, *(lax.dynamic_slice_in_dim(a, start, chunk)
+                                    for a in (origin, offset, mask)), kmat)
+        return lax.dynamic_update_slice_in_dim(out, rows, start, 0)
+
+    return lax.fori_loop(0, -(-m // chunk), step, jnp.zeros((m, spec.c_out), spec.acc_dtype))
 
 
-def _sampled_matmul_jvp(spec, primals, tangents):
-    image, index, weights, kmat = primals
-    d_image, _, d_weights, d_kmat = tangents
-    out = sampled_matmul(spec, image, index, weights, kmat)
+def _deform_matmul_jvp(spec, primals, tangents):
+    image, offset, mask, kmat = primals
+    d_image, d_offset, d_mask, d_kmat = tangents
+    out = deform_matmul(spec, image, offset, mask, kmat)
+    mask = _mask_rows(spec, mask)
     zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
-    if zero(d_image) and zero(d_weights) and zero(d_kmat):
+    has_image, has_kmat = not zero(d_image), not zero(d_kmat)
+    has_points = not zero(d_offset) or (spec.modulated and not zero(d_mask))
+    if not (has_image or has_points or has_kmat):
         return out, jnp.zeros_like(out)
+    if has_points:  # the one that is symbolically zero becomes a real zero
+        d_offset = jnp.zeros(offset.shape, offset.dtype) if zero(d_offset) else d_offset
+        d_mask = (_mask_rows(spec, d_mask) if not zero(d_mask)
+                  else jnp.zeros(mask.shape, mask.dtype))
+    else:  # placeholders, so that every operand can be chunked alike
+        d_offset = d_mask = jnp.zeros((spec.rows, 0), spec.acc_dtype)
 
-    has_image, has_weights, has_kmat = (not zero(t) for t in (d_image, d_weights, d_kmat))
-    guard = sampling.bounds_guard(index)  # here, where index is a plain primal value
-
-    def tangent_rows(index, weights, d_weights):
-        rows = index.shape[0]
+    def tangent_rows(origin, offset, mask, d_offset, d_mask):
+        rows = offset.shape[0]
+        if has_points:
+            (index, weights), (_, d_weights) = jax.jvp(
+                functools.partial(locate, spec, origin), (offset, mask), (d_offset, d_mask))
+        else:
+            index, weights = locate(spec, origin, offset, mask)
+        guard = sampling.bounds_guard(index)
         t_cols = None
         if has_image:
-            # No guard here: its transpose, the scatter into the image's
-            # cotangent, must stay visible to XLA, which then accumulates it in
-            # place across chunks instead of adding a full-size array per chunk.
-            # In the weights' dtype (float32 at least): its transpose then
-            # accumulates the image's cotangent in float32, not bfloat16 (more
-            # exact, and 3-4x faster on a GPU, measured on an H200).
-            t_cols = sampling.gather(d_image.astype(weights.dtype), index, weights)
-        if has_weights:
+            # One gather of all four corners, so that its transpose is one
+            # scatter-add into the image's cotangent (sampling.linear_rows); no
+            # guard, so that the scatter stays visible to XLA. In the weights'
+            # dtype (float32 at least): its transpose then accumulates the
+            # image's cotangent in float32, not bfloat16 (more exact, and 3-4x
+            # faster on a GPU, measured on an H200).
+            zero_row = image.shape[0] - 1  # corners that read nothing send nothing back
+            t_cols = sampling.linear_rows(
+                d_image.astype(weights.dtype),
+                jnp.where(sampling.reads(weights), index, zero_row), weights)
+        if has_points:
             t = sampling.weighted_rows(image, index, d_weights, guard=guard)
             t_cols = t if t_cols is None else t_cols + t
         t_out = None
@@ -181,23 +292,24 @@ def _sampled_matmul_jvp(spec, primals, tangents):
             t_out = t if t_out is None else t_out + t
         return t_out
 
-    if not has_weights:  # a placeholder, so that every operand can be chunked alike
-        d_weights = jnp.zeros((index.shape[0], 0), weights.dtype)
     fn = jax.checkpoint(tangent_rows)
 
-    def tangent(chunk, index, weights, d_weights):
+    def tangent(chunk, offset, mask, d_offset, d_mask):
+        operands = (origins(spec), offset, mask, d_offset, d_mask)
         if chunk is None:
-            return fn(index, weights, d_weights)
-        rows = index.shape[0]
-        count = -(-rows // chunk)
+            return fn(*operands)
+        count = -(-spec.rows // chunk)
+        # Padding rows are the last row again (its origin stays in the image)
+        # with zero tangents; their outputs are dropped.
         chunked = [
-            _pad_rows(a, count * chunk).reshape((count, chunk) + a.shape[1:])
-            for a in (index, weights, d_weights)
+            jnp.pad(a, [(0, count * chunk - spec.rows), (0, 0)], mode="edge" if k == 0 else "constant"
+                    ).reshape((count, chunk) + a.shape[1:])
+            for k, a in enumerate(operands)
         ]
         t_out = lax.map(lambda a: fn(*a), chunked)
-        return t_out.reshape(count * chunk, spec.c_out)[:rows]
+        return t_out.reshape(count * chunk, spec.c_out)[:spec.rows]
 
-    return out, per_platform(tangent, spec.tangent_chunk, index, weights, d_weights)
+    return out, per_platform(tangent, spec.tangent_chunk, offset, mask, d_offset, d_mask)
 
 
-sampled_matmul.defjvp(_sampled_matmul_jvp, symbolic_zeros=True)
+deform_matmul.defjvp(_deform_matmul_jvp, symbolic_zeros=True)

@@ -207,6 +207,21 @@ def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
     return out
 
 
+def linear_rows(image: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array:
+    """:func:`weighted_rows` for an ``image`` that is a tangent, with a cheap transpose.
+
+    The same values, as one gather of all four corners: its transpose, the
+    scatter into the image's cotangent, is then one scatter-add of all corners
+    into one buffer. Four corner gathers transpose into four scatters, each
+    into its own zero-filled image-sized buffer that XLA adds up afterwards
+    (four image-sized temporaries and their sums, per chunk of a loop). To
+    read nothing where a weight is 0 or not finite (as :func:`gather` does),
+    pass the zero row's index there (see ``_gather_jvp``).
+    """
+    rows = image.at[index].get(mode="promise_in_bounds").astype(weights.dtype)  # S + (4, C)
+    return (weights[..., None] * rows).sum(axis=-2)
+
+
 def _guarded_rows(image, index, weights, guard, *, skip_zero_weights=False):
     """``_weighted_rows`` behind a bounds guard that XLA cannot fuse across.
 
@@ -250,8 +265,8 @@ def _gather_jvp(skip_zero_weights, primals, tangents):
         reads = _reads(weights) if skip_zero_weights else jnp.ones(weights.shape, bool)
         # d_image in the weights' dtype (float32 at least), so that the transpose,
         # a scatter-add into the image's cotangent, accumulates in float32.
-        t_out = _gather(d_image.astype(weights.dtype), jnp.where(reads, index, zero_row),
-                        weights, None, False)
+        t_out = linear_rows(d_image.astype(weights.dtype), jnp.where(reads, index, zero_row),
+                            weights)
     if not isinstance(d_weights, SymbolicZero):
         # The real corner rows: at an integer coordinate the far corner has
         # weight 0 but not derivative 0. (A choice of rows that depended on

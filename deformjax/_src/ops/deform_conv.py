@@ -99,49 +99,35 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     (sh, sw), (dh, dw), ((top, _), (left, _)) = strides, dilation, pads
     dtype, acc = args.compute_dtypes(x, offset, kernel, mask, bias)
 
-    # Sampling points, laid out (N, H_out, W_out, K, G) so that the samples come
-    # out as rows of the im2col matrix (N * H_out * W_out, K * C_in).
-    grid_y = (jnp.arange(ho) * sh - top)[:, None] + jnp.arange(kh) * dh  # (Ho, kh)
-    grid_x = (jnp.arange(wo) * sw - left)[:, None] + jnp.arange(kw) * dw  # (Wo, kw)
-    grid_y = jnp.broadcast_to(grid_y[:, None, :, None], (ho, wo, kh, kw)).reshape(ho, wo, taps)
-    grid_x = jnp.broadcast_to(grid_x[None, :, None, :], (ho, wo, kh, kw)).reshape(ho, wo, taps)
-    off = offset.astype(acc).reshape(n, ho, wo, groups, taps, 2).transpose(0, 1, 2, 4, 3, 5)
-    ys = grid_y.astype(acc)[..., None] + off[..., 0]
-    xs = grid_x.astype(acc)[..., None] + off[..., 1]
-    scale = None
-    if mask is not None:
-        scale = mask.astype(acc).reshape(n, ho, wo, groups, taps).transpose(0, 1, 2, 4, 3)
-    index, weights = sampling.locate(
-        ys,
-        xs,
-        jnp.arange(n).reshape(n, 1, 1, 1, 1),
-        size=(h, w),
-        mode="zeros",
-        zero_row=n * h * w * groups,
-        scale=scale,
-        groups=groups,
-        group=jnp.arange(groups),
-    )  # (N, Ho, Wo, K, G, 4) each
-
+    # The sampling points are computed per chunk of output rows from these
+    # rows of offset and mask (sampled_matmul.locate), never for the whole output.
     fg = feature_group_count
     m = n * ho * wo
     row_bytes = taps * c_in * jnp.dtype(acc).itemsize
     spec = sampled_matmul.Spec(
-        taps=taps,
+        batch=n,
+        image_hw=(h, w),
+        out_hw=(ho, wo),
+        kernel_hw=(kh, kw),
+        strides=(sh, sw),
+        dilation=(dh, dw),
+        origin=(top, left),
+        groups=groups,
+        modulated=mask is not None,
         feature_groups=fg,
         c_in=c_in,
         c_out=c_out,
         dtype=jnp.dtype(dtype),
         acc_dtype=jnp.dtype(acc),
         precision=precision,
-        primal_chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=False),
+        chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=False),
         tangent_chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=True),
     )
-    out = sampled_matmul.sampled_matmul(
+    out = sampled_matmul.deform_matmul(
         spec,
         sampling.with_zero_row(x.astype(dtype).reshape(n * h * w * groups, c_in // groups)),
-        index.reshape(m, taps * groups, 4),
-        weights.reshape(m, taps * groups, 4),
+        offset.reshape(m, groups * taps * 2),
+        jnp.zeros((m, 0), acc) if mask is None else mask.reshape(m, groups * taps),
         kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg),
     ).reshape(n, ho, wo, c_out)
     if bias is not None:
