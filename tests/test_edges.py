@@ -355,6 +355,12 @@ def test_vmap_keeps_the_gather_guard_a_conditional(rng):
     assert "conditional" in hlo
     out = fn(*batched)
     np.testing.assert_allclose(out[1], CONV(x, offset, kernel, mask), rtol=1e-12, atol=1e-12)
+    # and in the gradient, whose chunks compute their guard inside jax.checkpoint:
+    # as many conditionals under vmap as without it (the primal's and the tangent's)
+    grad = jax.grad(lambda x, o, m: (CONV(x, o, kernel, m) ** 2).sum(), argnums=(0, 1, 2))
+    plain = jax.jit(grad).lower(x, offset, mask).compile().as_text().count("conditional(")
+    mapped = jax.jit(jax.vmap(grad)).lower(*batched).compile().as_text().count("conditional(")
+    assert plain >= 2 and mapped == plain
 
 
 def test_deform_roi_pool_module_accepts_what_the_function_accepts():

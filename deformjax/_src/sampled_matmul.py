@@ -15,8 +15,8 @@ of either is built for the whole output:
 * derivatives (a ``custom_jvp`` whose tangent is linear, so reverse mode is
   its transpose) are computed chunk by chunk in a ``lax.map`` under
   ``jax.checkpoint``: each chunk recomputes its points and samples instead of
-  saving them, and the chunk's columns, its four corner scatters and its
-  matrix products stay in cache.
+  saving them, and the chunk's columns, its scatter into the image's cotangent
+  and its matrix products stay in cache.
 
 The tangent rule is ordinary differentiable JAX, so forward mode, reverse
 mode, and derivatives of any order all work, and all of them equal those of
@@ -71,8 +71,10 @@ class Spec(NamedTuple):
 # Bytes of columns (one chunk's im2col rows) per chunk on the CPU. Chunks of
 # this size keep a chunk's working set (columns, corner rows, points) within a
 # CPU's L2 + L3 share and its temporaries a small fraction of the im2col matrix
-# at every benchmarked shape (benchmarks/bench.py); derivative chunks hold four
-# corner scatters besides, so they are smaller. Accelerators get one chunk.
+# at every benchmarked shape (benchmarks/bench.py); derivative chunks hold the
+# four corners' rows and their scatter besides, and 0.5 MiB ones were as fast
+# as 1.25 MiB ones at every shape there, so they are smaller. Accelerators get
+# one chunk.
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.

@@ -169,9 +169,10 @@ def bounds_guard(index: jax.Array) -> jax.Array:
 
     A ``custom_vmap`` reduction over every axis, so that under ``vmap`` it stays
     one scalar and the guard's conditional stays a conditional, instead of a
-    select that runs both branches. Compute it where ``index`` is a plain
-    primal value (not inside ``jax.checkpoint`` or a derivative rule's tangent),
-    since its derivative rule would make it look like a tangent.
+    select that runs both branches. Compute it from an ``index`` that depends on
+    primal values only (``sampled_matmul`` does so inside the ``jax.checkpoint``
+    of its derivative chunks, from the chunk's primal offsets); under ``vmap`` of
+    a gradient it stays a conditional there too (tested).
     """
     return jnp.all(index >= 0)
 
