@@ -39,7 +39,6 @@ from deformjax import deform_conv
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench  # noqa: E402  (the shapes and timing discipline of the CPU benchmark)
-from bench import interleaved  # noqa: E402
 import bench_dcnv3  # noqa: E402
 from deformjax import dcnv3  # noqa: E402
 
@@ -54,7 +53,7 @@ def smoke_shape(shape):
 
 def median_ms(fns: dict, repeats: int) -> dict:
     """bench.py's interleaved medians, in milliseconds."""
-    return {name: 1e3 * seconds for name, seconds in interleaved(fns, repeats).items()}
+    return {name: 1e3 * seconds for name, seconds in bench.interleaved(fns, repeats).items()}
 
 
 def case(shape, dtype, repeats, torch_cuda):
