@@ -201,7 +201,7 @@ def _rows(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     """Output rows ``(rows, C_out)`` in acc_dtype (arguments as in :func:`locate`)."""
     index, weights = locate(spec, origin, offset, mask)
     cols = sampling.gather(image, index, weights, guard=sampling.bounds_guard(index))
-    return _times_kernel(spec, cols.reshape(index.shape[0], spec.taps * spec.c_in), kmat)
+    return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 
 
 def _mask_rows(spec: Spec, mask):
