@@ -133,18 +133,17 @@ def origins(spec: Spec) -> jax.Array:
                       (pos % wo) * spec.strides[1] - spec.origin[1]], axis=-1)
 
 
-def locate(spec: Spec, origin, offset, mask):
-    """Corner rows and weights of some output rows.
+def _points(spec: Spec, origin, offset, mask):
+    """The sampling points of some output rows: ``(sampling.Points, scale)``, ``(rows, K, G)`` each.
 
     Args:
       spec: the layer.
       origin: ``(rows, 3)`` int32, these rows of :func:`origins`.
       offset: ``(rows, G * K * 2)`` offsets of these rows, indexed ``(g, t, {dy, dx})``.
-      mask: ``(rows, G * K)`` modulation, or anything when not ``spec.modulated``.
+      mask: ``(rows, G * K)`` modulation, or anything when not ``spec.modulated``
+        (``scale`` is then None).
 
-    Returns:
-      ``(index, weights)``, ``(rows, K * G, 4)`` each (``sampling.locate``),
-      tap-major so that the samples come out as im2col rows ``(rows, K * C_in)``.
+    Tap-major, so that the samples come out as im2col rows ``(rows, K * C_in)``.
     """
     rows = offset.shape[0]
     (kh, kw), (dh, dw) = spec.kernel_hw, spec.dilation
@@ -152,28 +151,54 @@ def locate(spec: Spec, origin, offset, mask):
     tap_y = np.repeat(np.arange(kh) * dh, kw).astype(np.int32)  # (K,), tap t = i * kw + j
     tap_x = np.tile(np.arange(kw) * dw, kh).astype(np.int32)
     # The integer grid is exact; it becomes acc_dtype before the offset is added.
-    batch = origin[:, 0]
     grid_y = origin[:, 1, None] + tap_y  # (rows, K)
     grid_x = origin[:, 2, None] + tap_x
-    off = offset.astype(acc).reshape(rows, groups, taps, 2).transpose(0, 2, 1, 3)  # (rows, K, G, 2)
-    ys = grid_y.astype(acc)[..., None] + off[..., 0]
-    xs = grid_x.astype(acc)[..., None] + off[..., 1]
-    scale = None
-    if spec.modulated:
-        scale = mask.astype(acc).reshape(rows, groups, taps).transpose(0, 2, 1)
-    h, w = spec.image_hw
-    index, weights = sampling.locate(
-        ys,
-        xs,
-        batch[:, None, None],
-        size=(h, w),
+    dy, dx = _split(spec, offset.astype(acc))
+    pts = sampling.points(
+        grid_y.astype(acc)[..., None] + dy,
+        grid_x.astype(acc)[..., None] + dx,
+        origin[:, 0, None, None],
+        size=spec.image_hw,
         mode="zeros",
-        zero_row=spec.batch * h * w * groups,
-        scale=scale,
         groups=groups,
         group=jnp.arange(groups),
-    )  # (rows, K, G, 4) each
-    return index.reshape(rows, taps * groups, 4), weights.reshape(rows, taps * groups, 4)
+    )
+    scale = mask.astype(acc).reshape(rows, groups, taps).transpose(0, 2, 1) if spec.modulated else None
+    return pts, scale
+
+
+def _split(spec: Spec, offset):
+    """``(rows, G * K * 2)`` offsets (or their tangents) -> their ``dy``, ``dx``, ``(rows, K, G)`` each."""
+    off = offset.reshape(offset.shape[0], spec.groups, spec.taps, 2).transpose(0, 2, 1, 3)
+    return off[..., 0], off[..., 1]
+
+
+def locate(spec: Spec, origin, offset, mask, *, fence: bool):
+    """Corner rows and weights of some output rows (arguments as in :func:`_points`).
+
+    With ``fence``, the points are computed apart from the corners
+    (``sampling.fenced``) and written out once: every per-corner and
+    per-channel consumer (the index, the weights, a scatter's rows, the
+    derivatives) then reads them instead of repeating their arithmetic. That
+    pays where there are many consumers (derivatives: EDVR's forward+backward
+    342 -> 277 ms), not in the forward pass, whose two consumers are cheaper
+    than writing the points out (measured, 2-core EPYC).
+
+    Returns:
+      ``(index, weights, pts, scale)``: ``(rows, K, G, 4)`` index and weights
+      (``sampling.corners``), and the points they came from.
+    """
+    points = functools.partial(_points, spec)
+    pts, scale = (sampling.fenced(points, origin, offset, mask) if fence
+                  else points(origin, offset, mask))
+    h, w = spec.image_hw
+    index, weights = sampling.corners(pts, zero_row=spec.batch * h * w * spec.groups, scale=scale)
+    return index, weights, pts, scale
+
+
+def _flat(a):
+    """``(rows, K, G, 4)`` -> ``(rows, K * G, 4)``."""
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], 4)
 
 
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
@@ -199,7 +224,8 @@ def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
 
 def _rows(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     """Output rows ``(rows, C_out)`` in acc_dtype (arguments as in :func:`locate`)."""
-    index, weights = locate(spec, origin, offset, mask)
+    index, weights, _, _ = locate(spec, origin, offset, mask, fence=False)
+    index, weights = _flat(index), _flat(weights)
     cols = sampling.gather(image, index, weights, guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 
@@ -264,11 +290,15 @@ def _deform_matmul_jvp(spec, primals, tangents):
 
     def tangent_rows(origin, offset, mask, d_offset, d_mask):
         rows = offset.shape[0]
+        index, weights, pts, scale = locate(spec, origin, offset, mask, fence=True)
         if has_points:
-            (index, weights), (_, d_weights) = jax.jvp(
-                functools.partial(locate, spec, origin), (offset, mask), (d_offset, d_mask))
-        else:
-            index, weights = locate(spec, origin, offset, mask)
+            # The weights' tangent from the points' derivatives (corner by
+            # corner, so that its transpose sums no corner axis).
+            d_scale = (d_mask.reshape(rows, spec.groups, spec.taps).transpose(0, 2, 1)
+                       if spec.modulated else None)
+            _, d_weights = sampling.weights_jvp(pts, scale, *_split(spec, d_offset), d_scale)
+            d_weights = _flat(d_weights)
+        index, weights = _flat(index), _flat(weights)
         guard = sampling.bounds_guard(index)
         t_cols = None
         if has_image:
@@ -277,11 +307,10 @@ def _deform_matmul_jvp(spec, primals, tangents):
             # guard, so that the scatter stays visible to XLA. In the weights'
             # dtype (float32 at least): its transpose then accumulates the
             # image's cotangent in float32, not bfloat16 (more exact, and 3-4x
-            # faster on a GPU, measured on an H200).
-            zero_row = image.shape[0] - 1  # corners that read nothing send nothing back
-            t_cols = sampling.linear_rows(
-                d_image.astype(weights.dtype),
-                jnp.where(sampling.reads(weights), index, zero_row), weights)
+            # faster on a GPU, measured on an H200). Corners that read nothing
+            # send nothing back.
+            t_cols = sampling.linear_rows(d_image.astype(weights.dtype), index, weights,
+                                          sampling.reads(weights))
         if has_points:
             t = sampling.weighted_rows(image, index, d_weights, guard=guard)
             t_cols = t if t_cols is None else t_cols + t

@@ -40,7 +40,7 @@ image counting 0, as in its ``get_coordinate_weight``).
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,151 @@ def _axis(coord: jax.Array, size, mode: Mode):
     return low.astype(jnp.int32), step, c - low, inside_low, inside_high
 
 
+def _per_corner(a):
+    return jnp.asarray(a)[..., None]
+
+
+def _corners(low, high, along):
+    """``S + (4,)``: per corner, ``high`` where ``along`` (the corners' pattern) holds, else ``low``."""
+    return jnp.where(along, _per_corner(high), _per_corner(low))
+
+
+@jax.custom_jvp
+def _corner_weights(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
+    """The bilinear weights ``S + (4,)`` of points with fractions ``fy``, ``fx``.
+
+    A corner outside the image (``iy_*``, ``ix_*``: the low / high row and
+    column inside) weighs 0; ``scale`` (or None) multiplies every weight; a NaN
+    point (``nan``) gets NaN weights.
+
+    Its derivative is that of the formula, written corner by corner and
+    stacked: reverse mode then transposes the stack into four slices of the
+    cotangent, where the formula's broadcast over the corner axis would be
+    transposed into sums over it (reductions that XLA's CPU code runs as
+    separate, slow calls, with their inputs written out first).
+    """
+    inside = _corners(iy_low, iy_high, _CORNER_HIGH_Y) & _corners(ix_low, ix_high, _CORNER_HIGH_X)
+    weights = _corners(1 - fy, fy, _CORNER_HIGH_Y) * _corners(1 - fx, fx, _CORNER_HIGH_X)
+    weights = jnp.where(inside, weights, 0)
+    if scale is not None:
+        weights = weights * _per_corner(scale)
+    return jnp.where(_per_corner(nan), jnp.nan, weights)
+
+
+@_corner_weights.defjvp
+def _corner_weights_jvp(primals, tangents):
+    fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan = primals
+    d_fy, d_fx, d_scale = tangents[:3]
+    out = _corner_weights(*primals)
+    terms = []
+    for high_y, high_x in zip(_CORNER_HIGH_Y, _CORNER_HIGH_X):
+        py, d_py = (fy, d_fy) if high_y else (1 - fy, -d_fy)
+        px, d_px = (fx, d_fx) if high_x else (1 - fx, -d_fx)
+        inside = (iy_high if high_y else iy_low) & (ix_high if high_x else ix_low)
+        term = jnp.where(inside, d_py * px + py * d_px, 0)
+        if scale is not None:
+            term = term * scale + jnp.where(inside, py * px, 0) * d_scale
+        terms.append(jnp.where(nan, 0, term))
+    return out, jnp.stack(terms, axis=-1)
+
+
+class Points(NamedTuple):
+    """What :func:`corners` needs of each point (shape ``S``, or broadcastable to it)."""
+
+    fy: jax.Array  # the fractions of y and x past the low row and column
+    fx: jax.Array
+    d_fy: jax.Array  # d fy / d y and d fx / d x (1 or 0, or between at a clip's kink)
+    d_fx: jax.Array
+    low: jax.Array  # int32, the low corner's row of the image matrix (exact where inside)
+    y_rows: jax.Array | int  # rows from the low corner to the one below it (and to its right)
+    x_rows: jax.Array | int
+    iy_low: jax.Array  # bool, whether the low / high row and column are inside the image
+    iy_high: jax.Array
+    ix_low: jax.Array
+    ix_high: jax.Array
+    nan: jax.Array  # bool, a NaN coordinate
+
+
+def points(
+    y: jax.Array,
+    x: jax.Array,
+    batch: jax.Array,
+    *,
+    size: tuple[int, int],
+    mode: Mode,
+    groups: int = 1,
+    group: jax.Array | int = 0,
+    first_row: jax.Array | int = 0,
+) -> Points:
+    """The per-point half of :func:`locate` (arguments as there).
+
+    Differentiable in ``fy`` and ``fx``; ``d_fy`` and ``d_fx`` are their
+    derivatives, for a caller that forms the weights' tangent itself.
+    """
+    height, width = size
+    # Per-point sizes (arrays) take part in float and in integer arithmetic alike.
+    height_f, width_f = (v if isinstance(v, int) else jnp.asarray(v, y.dtype) for v in size)
+    height, width = (v if isinstance(v, int) else jnp.asarray(v, jnp.int32) for v in size)
+    nan = jnp.isnan(y) | jnp.isnan(x)
+
+    def axis(coord, size):
+        # NaN coordinates are replaced before any arithmetic, so that the
+        # derivatives of the replaced branch are 0, never NaN * 0.
+        return _axis(jnp.where(nan, _LOW, coord), size, mode)
+
+    (y_low, y_step, fy, iy_low, iy_high), (_, _, d_fy, _, _) = jax.jvp(
+        functools.partial(axis, size=height_f), (y,), (jnp.ones_like(y),))
+    (x_low, x_step, fx, ix_low, ix_high), (_, _, d_fx, _, _) = jax.jvp(
+        functools.partial(axis, size=width_f), (x,), (jnp.ones_like(x),))
+    base = jnp.asarray(batch, jnp.int32) * height
+    group = jnp.asarray(group, jnp.int32)
+    low = ((base + y_low) * width + x_low) * groups + group + first_row
+    return Points(fy, fx, d_fy, d_fx, low, y_step * width * groups, x_step * groups,
+                  iy_low, iy_high, ix_low, ix_high, nan)
+
+
+def corners(
+    pts: Points,
+    *,
+    zero_row: int,
+    scale: jax.Array | None = None,
+    reads: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The per-corner half of :func:`locate` (arguments as there): ``(index, weights)``."""
+    # The corner axis comes from broadcasting against the corners' constant
+    # pattern, and every corner's row is the low corner's plus a step: XLA's
+    # CPU code for stacking four arrays picks the operand per element and
+    # repeats all of each one's arithmetic, 2-4x slower (measured).
+    high_y, high_x = _CORNER_HIGH_Y, _CORNER_HIGH_X
+    inside = _corners(pts.iy_low, pts.iy_high, high_y) & _corners(pts.ix_low, pts.ix_high, high_x)
+    weights = _corner_weights(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
+                              pts.ix_high, pts.nan)
+    index = _per_corner(pts.low) + _corners(0, pts.y_rows, high_y) + _corners(
+        0, pts.x_rows, high_x)
+    reads_pixel = inside & ~_per_corner(pts.nan)
+    if reads is not None:
+        reads_pixel = reads_pixel & _per_corner(reads)
+    index = jnp.where(reads_pixel, index, zero_row)
+    return jnp.broadcast_to(index, weights.shape), weights
+
+
+def weights_jvp(pts: Points, scale, d_y, d_x, d_scale):
+    """``(weights, tangent)`` of :func:`corners`'s weights for tangents of the coordinates and scale.
+
+    ``d_scale`` is ignored (may be None) when ``scale`` is None.
+    """
+    def weights(fy, fx, scale):
+        return _corner_weights(fy, fx, scale, pts.iy_low, pts.iy_high, pts.ix_low, pts.ix_high,
+                               pts.nan)
+
+    tangents = (pts.d_fy * d_y, pts.d_fx * d_x, d_scale)
+    primals = (pts.fy, pts.fx, scale)
+    tangents = tuple(t if t is None else t.astype(p.dtype) for p, t in zip(primals, tangents))
+    if scale is None:
+        return jax.jvp(lambda fy, fx: weights(fy, fx, None), primals[:2], tangents[:2])
+    return jax.jvp(weights, primals, tangents)
+
+
 def locate(
     y: jax.Array,
     x: jax.Array,
@@ -133,45 +278,43 @@ def locate(
       ``(index, weights)``: int32 and float ``S + (4,)``, the corners ordered
       ``(r, c), (r, c + 1), (r + 1, c), (r + 1, c + 1)``.
     """
-    height, width = size
-    # Per-point sizes (arrays) take part in float and in integer arithmetic alike.
-    height_f, width_f = (v if isinstance(v, int) else jnp.asarray(v, y.dtype) for v in size)
-    height, width = (v if isinstance(v, int) else jnp.asarray(v, jnp.int32) for v in size)
-    nan = jnp.isnan(y) | jnp.isnan(x)
-    # NaN coordinates are replaced before any arithmetic, so that the
-    # derivatives of the replaced branch are 0, never NaN * 0.
-    y = jnp.where(nan, _LOW, y)
-    x = jnp.where(nan, _LOW, x)
-    y_low, y_step, fy, iy_low, iy_high = _axis(y, height_f, mode)
-    x_low, x_step, fx, ix_low, ix_high = _axis(x, width_f, mode)
-    # The corner axis comes from broadcasting against the corners' constant
-    # pattern, and every corner's row is the low corner's plus a step: XLA's
-    # CPU code for stacking four arrays picks the operand per element and
-    # repeats all of each one's arithmetic, 2-4x slower (measured).
-    high_y, high_x = _CORNER_HIGH_Y, _CORNER_HIGH_X
+    pts = points(y, x, batch, size=size, mode=mode, groups=groups, group=group,
+                 first_row=first_row)
+    return corners(pts, zero_row=zero_row, scale=scale, reads=reads)
 
-    def per_corner(a):
-        return jnp.asarray(a)[..., None]
 
-    def corners(low, high, along):
-        return jnp.where(along, per_corner(high), per_corner(low))
+def fenced(fn, *operands):
+    """``fn(*operands)``, computed apart from its surroundings and written out.
 
-    inside = corners(iy_low, iy_high, high_y) & corners(ix_low, ix_high, high_x)
-    weights = corners(1 - fy, fy, high_y) * corners(1 - fx, fx, high_x)
-    weights = jnp.where(inside, weights, 0)
-    if scale is not None:
-        weights = weights * per_corner(scale)
-    weights = jnp.where(per_corner(nan), jnp.nan, weights)
-    base = jnp.asarray(batch, jnp.int32) * height
-    group = jnp.asarray(group, jnp.int32)
-    low_corner = ((base + y_low) * width + x_low) * groups + group + first_row
-    index = per_corner(low_corner) + corners(0, y_step * width * groups, high_y) + corners(
-        0, x_step * groups, high_x)
-    reads_pixel = inside & ~per_corner(nan)
-    if reads is not None:
-        reads_pixel = reads_pixel & per_corner(reads)
-    index = jnp.where(reads_pixel, index, zero_row)
-    return jnp.broadcast_to(index, weights.shape), weights
+    A conditional whose two branches are both ``fn``: XLA cannot fuse its
+    results' arithmetic into the fusions that read them. Left to itself it
+    repeats a cheap producer inside every consumer, and per-point arithmetic
+    read by many per-corner and per-channel consumers then costs several times
+    over. The predicate is a comparison of the first floating-point
+    operand's first entry with itself: XLA cannot decide it while compiling
+    (a NaN compares unequal; either branch gives the same results), where it
+    folds one of integers and then drops the conditional.
+    """
+    key = next(a for a in operands if jnp.issubdtype(a.dtype, jnp.floating))
+    return lax.cond(_fence_predicate(lax.stop_gradient(key)), fn, fn, *operands)
+
+
+@jax.custom_batching.custom_vmap
+def _fence_predicate(x: jax.Array) -> jax.Array:
+    return _first_equal(x)
+
+
+def _first_equal(x):
+    if x.size == 0:
+        return jnp.asarray(True)
+    first = x.reshape(-1)[0]
+    return first == first
+
+
+@_fence_predicate.def_vmap
+def _fence_predicate_vmap(axis_size, in_batched, x):
+    del axis_size
+    return _first_equal(x[0] if in_batched[0] else x), False
 
 
 @jax.custom_batching.custom_vmap
@@ -233,7 +376,9 @@ def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
     return out
 
 
-def linear_rows(image: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array:
+def linear_rows(
+    image: jax.Array, index: jax.Array, weights: jax.Array, reads: jax.Array | None = None
+) -> jax.Array:
     """:func:`weighted_rows` for an ``image`` that is a tangent, with a cheap transpose.
 
     The same values, as one gather of all four corners: its transpose, the
@@ -242,9 +387,14 @@ def linear_rows(image: jax.Array, index: jax.Array, weights: jax.Array) -> jax.A
     into its own zero-filled image-sized buffer that XLA adds up afterwards
     (four image-sized temporaries and their sums, per chunk of a loop). To
     read nothing where a weight is 0 or not finite (as :func:`gather` does),
-    pass the zero row's index there (see ``_gather_jvp``).
+    pass ``reads`` (:func:`reads` of the weights): those corners' rows count
+    as 0, so that the transpose sends them 0, never ``NaN * cotangent``. (The
+    rows are masked, not their index: the scatter then shares its index with
+    the other uses of ``index`` instead of computing its own.)
     """
     rows = image.at[index].get(mode="promise_in_bounds").astype(weights.dtype)  # S + (4, C)
+    if reads is not None:
+        rows = jnp.where(reads[..., None], rows, 0)
     return (weights[..., None] * rows).sum(axis=-2)
 
 
@@ -284,15 +434,12 @@ def _gather_jvp(skip_zero_weights, primals, tangents):
     out = _gather(image, index, weights, guard, skip_zero_weights)
     t_out = None
     if not isinstance(d_image, SymbolicZero):
-        # A corner that reads nothing sends nothing back: its index becomes the
-        # zero row's, so that a NaN weight cannot reach the image's cotangent
-        # (and the zero row needs no skipping).
-        zero_row = image.shape[0] - 1
-        reads = _reads(weights) if skip_zero_weights else jnp.ones(weights.shape, bool)
-        # d_image in the weights' dtype (float32 at least), so that the transpose,
-        # a scatter-add into the image's cotangent, accumulates in float32.
-        t_out = linear_rows(d_image.astype(weights.dtype), jnp.where(reads, index, zero_row),
-                            weights)
+        # A corner that reads nothing sends nothing back, so that a NaN weight
+        # cannot reach the image's cotangent. d_image in the weights' dtype
+        # (float32 at least), so that the transpose, a scatter-add into the
+        # image's cotangent, accumulates in float32.
+        t_out = linear_rows(d_image.astype(weights.dtype), index, weights,
+                            _reads(weights) if skip_zero_weights else None)
     if not isinstance(d_weights, SymbolicZero):
         # The real corner rows: at an integer coordinate the far corner has
         # weight 0 but not derivative 0. (A choice of rows that depended on
