@@ -16,7 +16,15 @@ of either is built for the whole output:
   its transpose) are computed chunk by chunk in a ``lax.map`` under
   ``jax.checkpoint``: each chunk recomputes its points and samples instead of
   saving them, and the chunk's columns, its scatter into the image's cotangent
-  and its matrix products stay in cache.
+  and its matrix products stay in cache. There the points are written out
+  once (``sampling.fenced``) for their many readers, and the weights' tangent
+  is built from the points' derivatives corner by corner
+  (``sampling.weights_jvp``), so that its transpose sums no corner axis.
+
+Points and columns are in the offsets' own order, group-major (``(G, K)``
+per output row): the offsets, the mask and their cotangents are never
+transposed; the kernel, which is small, is rearranged to match
+(:func:`_times_kernel`).
 
 The tangent rule is ordinary differentiable JAX, so forward mode, reverse
 mode, and derivatives of any order all work, and all of them equal those of
@@ -72,14 +80,15 @@ class Spec(NamedTuple):
 # this size keep a chunk's working set (columns, corner rows, points) within a
 # CPU's L2 + L3 share and its temporaries a small fraction of the im2col matrix
 # at every benchmarked shape (benchmarks/bench.py); derivative chunks hold the
-# four corners' rows and their scatter besides, and 0.5 MiB ones were as fast
-# as 1.25 MiB ones at every shape there, so they are smaller. Accelerators get
-# one chunk.
+# four corners' rows and their scatter besides, so they are smaller: 1 MiB ones
+# were ~5% faster than 0.5 MiB ones (fewer loop steps, each with a fixed cost)
+# and keep forward+backward temporaries <= 0.53x im2col there, where 2 MiB ones
+# reach 0.69x. Accelerators get one chunk.
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.
 _PRIMAL_CHUNK_BYTES = {"cpu": 2**21}
-_TANGENT_CHUNK_BYTES = {"cpu": 2**19}
+_TANGENT_CHUNK_BYTES = {"cpu": 2**20}
 
 
 def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
@@ -134,7 +143,7 @@ def origins(spec: Spec) -> jax.Array:
 
 
 def _points(spec: Spec, origin, offset, mask):
-    """The sampling points of some output rows: ``(sampling.Points, scale)``, ``(rows, K, G)`` each.
+    """The sampling points of some output rows: ``(sampling.Points, scale)``, ``(rows, G, K)`` each.
 
     Args:
       spec: the layer.
@@ -143,7 +152,9 @@ def _points(spec: Spec, origin, offset, mask):
       mask: ``(rows, G * K)`` modulation, or anything when not ``spec.modulated``
         (``scale`` is then None).
 
-    Tap-major, so that the samples come out as im2col rows ``(rows, K * C_in)``.
+    Group-major, the offsets' own order: no transposition of the offsets, the
+    mask, or their cotangents. The samples come out as rows ``(rows, G * K *
+    C_in / G)``; :func:`_times_kernel` takes them in that order.
     """
     rows = offset.shape[0]
     (kh, kw), (dh, dw) = spec.kernel_hw, spec.dilation
@@ -155,21 +166,21 @@ def _points(spec: Spec, origin, offset, mask):
     grid_x = origin[:, 2, None] + tap_x
     dy, dx = _split(spec, offset.astype(acc))
     pts = sampling.points(
-        grid_y.astype(acc)[..., None] + dy,
-        grid_x.astype(acc)[..., None] + dx,
+        grid_y.astype(acc)[:, None, :] + dy,
+        grid_x.astype(acc)[:, None, :] + dx,
         origin[:, 0, None, None],
         size=spec.image_hw,
         mode="zeros",
         groups=groups,
-        group=jnp.arange(groups),
+        group=jnp.arange(groups)[:, None],
     )
-    scale = mask.astype(acc).reshape(rows, groups, taps).transpose(0, 2, 1) if spec.modulated else None
+    scale = mask.astype(acc).reshape(rows, groups, taps) if spec.modulated else None
     return pts, scale
 
 
 def _split(spec: Spec, offset):
-    """``(rows, G * K * 2)`` offsets (or their tangents) -> their ``dy``, ``dx``, ``(rows, K, G)`` each."""
-    off = offset.reshape(offset.shape[0], spec.groups, spec.taps, 2).transpose(0, 2, 1, 3)
+    """``(rows, G * K * 2)`` offsets (or their tangents) -> their ``dy``, ``dx``, ``(rows, G, K)`` each."""
+    off = offset.reshape(offset.shape[0], spec.groups, spec.taps, 2)
     return off[..., 0], off[..., 1]
 
 
@@ -185,7 +196,7 @@ def locate(spec: Spec, origin, offset, mask, *, fence: bool):
     than writing the points out (measured, 2-core EPYC).
 
     Returns:
-      ``(index, weights, pts, scale)``: ``(rows, K, G, 4)`` index and weights
+      ``(index, weights, pts, scale)``: ``(rows, G, K, 4)`` index and weights
       (``sampling.corners``), and the points they came from.
     """
     points = functools.partial(_points, spec)
@@ -197,28 +208,37 @@ def locate(spec: Spec, origin, offset, mask, *, fence: bool):
 
 
 def _flat(a):
-    """``(rows, K, G, 4)`` -> ``(rows, K * G, 4)``."""
+    """``(rows, G, K, 4)`` -> ``(rows, G * K, 4)``."""
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2], 4)
 
 
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
-    """``(rows, K * C_in)`` columns times the kernel: ``(rows, C_out)`` in acc_dtype."""
-    rows, fg = cols.shape[0], spec.feature_groups
+    """Group-major columns ``(rows, G * K * C_in / G)`` times the kernel: ``(rows, C_out)`` in acc_dtype.
+
+    The kernel ``(K, C_in / F, F, C_out / F)`` is rearranged to the columns'
+    order (cheap: it is small), not the columns to the kernel's.
+    """
+    rows, fg, groups, taps = cols.shape[0], spec.feature_groups, spec.groups, spec.taps
+    cg = spec.c_in // groups  # channels per offset group
     cols = cols.astype(spec.dtype)
+    dot = functools.partial(jnp.einsum, precision=spec.precision,
+                            preferred_element_type=spec.acc_dtype)
     if fg == 1:  # one plain matrix product, which XLA lays out best
-        return jnp.dot(
-            cols,
-            kmat.reshape(spec.taps * spec.c_in, spec.c_out),
-            precision=spec.precision,
-            preferred_element_type=spec.acc_dtype,
-        )
-    out = jnp.einsum(
-        "mkfc,kcfo->mfo",
-        cols.reshape(rows, spec.taps, fg, spec.c_in // fg),
-        kmat,
-        precision=spec.precision,
-        preferred_element_type=spec.acc_dtype,
-    )
+        k = kmat.reshape(taps, groups, cg, spec.c_out).transpose(1, 0, 2, 3)
+        return jnp.dot(cols, k.reshape(-1, spec.c_out), precision=spec.precision,
+                       preferred_element_type=spec.acc_dtype)
+    c_f, o_f = spec.c_in // fg, spec.c_out // fg  # per feature group
+    if fg % groups == 0:  # an offset group holds whole feature groups
+        a = fg // groups
+        out = dot("rgkac,kcgao->rgao", cols.reshape(rows, groups, taps, a, c_f),
+                  kmat.reshape(taps, c_f, groups, a, o_f))
+    elif groups % fg == 0:  # a feature group holds whole offset groups
+        b = groups // fg
+        out = dot("rfbkc,kbcfo->rfo", cols.reshape(rows, fg, b, taps, cg),
+                  kmat.reshape(taps, b, cg, fg, o_f))
+    else:  # neither: the columns to tap-major order
+        cols = cols.reshape(rows, groups, taps, cg).transpose(0, 2, 1, 3)
+        out = dot("mkfc,kcfo->mfo", cols.reshape(rows, taps, fg, c_f), kmat)
     return out.reshape(rows, spec.c_out)
 
 
@@ -294,8 +314,7 @@ def _deform_matmul_jvp(spec, primals, tangents):
         if has_points:
             # The weights' tangent from the points' derivatives (corner by
             # corner, so that its transpose sums no corner axis).
-            d_scale = (d_mask.reshape(rows, spec.groups, spec.taps).transpose(0, 2, 1)
-                       if spec.modulated else None)
+            d_scale = d_mask.reshape(rows, spec.groups, spec.taps) if spec.modulated else None
             _, d_weights = sampling.weights_jvp(pts, scale, *_split(spec, d_offset), d_scale)
             d_weights = _flat(d_weights)
         index, weights = _flat(index), _flat(weights)
