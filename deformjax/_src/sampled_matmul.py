@@ -10,7 +10,7 @@ of either is built for the whole output:
 
 * the primal is a loop over chunks of output rows (``lax.fori_loop``); each
   chunk computes its sampling points from its rows of ``offset`` and ``mask``
-  (``sampling.locate``), gathers its columns and multiplies them with the
+  (``sampling.points`` and ``corners``), gathers its columns and multiplies them with the
   kernel, so the forward pass's temporaries are one chunk's;
 * derivatives (a ``custom_jvp`` whose tangent is linear, so reverse mode is
   its transpose) are computed chunk by chunk in a ``lax.map`` under
