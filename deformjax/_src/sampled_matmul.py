@@ -10,8 +10,8 @@ of either is built for the whole output:
 
 * the primal is a loop over chunks of output rows (``lax.fori_loop``); each
   chunk computes its sampling points from its rows of ``offset`` and ``mask``
-  (``sampling.points`` and ``corners``), gathers its columns and multiplies them with the
-  kernel, so the forward pass's temporaries are one chunk's;
+  (``sampling.points`` and ``corners``), gathers its columns and multiplies
+  them with the kernel, so the forward pass's temporaries are one chunk's;
 * derivatives (a ``custom_jvp`` whose tangent is linear, so reverse mode is
   its transpose) are computed chunk by chunk in a ``lax.map`` under
   ``jax.checkpoint``: each chunk recomputes its points and samples instead of
@@ -179,7 +179,7 @@ def _points(spec: Spec, origin, offset, mask):
 
 
 def _split(spec: Spec, offset):
-    """``(rows, G * K * 2)`` offsets (or their tangents) -> their ``dy``, ``dx``, ``(rows, G, K)`` each."""
+    """``(rows, G * K * 2)`` offsets (or tangents) -> ``dy``, ``dx``, ``(rows, G, K)`` each."""
     off = offset.reshape(offset.shape[0], spec.groups, spec.taps, 2)
     return off[..., 0], off[..., 1]
 
@@ -213,9 +213,9 @@ def _flat(a):
 
 
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
-    """Group-major columns ``(rows, G * K * C_in / G)`` times the kernel: ``(rows, C_out)`` in acc_dtype.
+    """Group-major columns ``(rows, G * K * C_in / G)`` times the kernel: ``(rows, C_out)``.
 
-    The kernel ``(K, C_in / F, F, C_out / F)`` is rearranged to the columns'
+    In acc_dtype. The kernel ``(K, C_in / F, F, C_out / F)`` is rearranged to the columns'
     order (cheap: it is small), not the columns to the kernel's.
     """
     rows, fg, groups, taps = cols.shape[0], spec.feature_groups, spec.groups, spec.taps

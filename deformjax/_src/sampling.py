@@ -96,7 +96,8 @@ def _per_corner(a):
 
 
 def _corners(low, high, along):
-    """``S + (4,)``: per corner, ``high`` where ``along`` (the corners' pattern) holds, else ``low``."""
+    """``S + (4,)``: per corner, ``high`` where ``along`` (the corners' pattern) holds, else ``low``.
+    """
     return jnp.where(along, _per_corner(high), _per_corner(low))
 
 
@@ -220,7 +221,9 @@ def corners(
 
 
 def weights_jvp(pts: Points, scale, d_y, d_x, d_scale):
-    """``(weights, tangent)`` of :func:`corners`'s weights for tangents of the coordinates and scale.
+    """``(weights, tangent)``: :func:`corners`'s weights and their tangent.
+
+    For tangents ``d_y``, ``d_x`` of the coordinates and ``d_scale`` of the scale.
 
     ``d_scale`` is ignored (may be None) when ``scale`` is None.
     """
