@@ -225,7 +225,7 @@ def test_large_sampling_ratio_runs_in_bounded_memory(rng, monkeypatch):
     expected = deform_roi_pool_reference(features, rois, offset, gamma=0.1, **kw)
     # 4 RoIs x 9 bins x 1600 samples x 4 corners x 3 channels x 8 bytes: 5.5 MB at once
     monkeypatch.setattr(module, "_VECTORIZED_BYTES", 2**20)
-    module._deform_roi_pool.clear_cache()
+    jax.clear_caches()
     try:
         analysis = fn.lower(features, rois, offset).compile().memory_analysis()
         if analysis is not None:
@@ -234,7 +234,7 @@ def test_large_sampling_ratio_runs_in_bounded_memory(rng, monkeypatch):
         grad = jax.grad(lambda f: (fn(f, rois, offset) ** 2).sum())
         one_row = grad(features)
     finally:
-        module._deform_roi_pool.clear_cache()
+        jax.clear_caches()
     np.testing.assert_allclose(one_row, grad(features), rtol=1e-10, atol=1e-10)
 
 
@@ -361,6 +361,29 @@ def test_vmap_keeps_the_gather_guard_a_conditional(rng):
     plain = jax.jit(grad).lower(x, offset, mask).compile().as_text().count("conditional(")
     mapped = jax.jit(jax.vmap(grad)).lower(*batched).compile().as_text().count("conditional(")
     assert plain >= 2 and mapped == plain
+
+
+def test_derivative_points_are_written_out_once(rng, monkeypatch):
+    """The derivative's sampling points are the results of a conditional (sampling.fenced)
+    that survives compilation: were its predicate one XLA can decide, XLA would drop it and
+    every per-corner and per-channel reader would repeat the points' arithmetic (EDVR's
+    forward+backward 342 -> 277 ms with it, docs/performance.md)."""
+    import deformjax._src.ops.deform_conv as module
+    from deformjax._src import sampling
+
+    x, offset, kernel, mask = conv_case(rng, n=1)
+    grad = jax.grad(lambda x, o, m: (CONV(x, o, kernel, m) ** 2).sum(), argnums=(0, 1, 2))
+
+    def conditionals():
+        jax.clear_caches()
+        return jax.jit(grad).lower(x, offset, mask).compile().as_text().count("conditional(")
+
+    fenced = conditionals()
+    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
+    try:
+        assert fenced == conditionals() + 1
+    finally:
+        jax.clear_caches()
 
 
 def test_deform_roi_pool_module_accepts_what_the_function_accepts():

@@ -173,6 +173,7 @@ def _points(spec: Spec, origin, offset, mask):
         mode="zeros",
         groups=groups,
         group=jnp.arange(groups)[:, None],
+        derivatives=True,
     )
     scale = mask.astype(acc).reshape(rows, groups, taps) if spec.modulated else None
     return pts, scale

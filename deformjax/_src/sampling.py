@@ -145,8 +145,8 @@ class Points(NamedTuple):
 
     fy: jax.Array  # the fractions of y and x past the low row and column
     fx: jax.Array
-    d_fy: jax.Array  # d fy / d y and d fx / d x (1 or 0, or between at a clip's kink)
-    d_fx: jax.Array
+    d_fy: jax.Array | None  # d fy / d y and d fx / d x (1 or 0, or between at a clip's kink)
+    d_fx: jax.Array | None
     low: jax.Array  # int32, the low corner's row of the image matrix (exact where inside)
     y_rows: jax.Array | int  # rows from the low corner to the one below it (and to its right)
     x_rows: jax.Array | int
@@ -167,11 +167,13 @@ def points(
     groups: int = 1,
     group: jax.Array | int = 0,
     first_row: jax.Array | int = 0,
+    derivatives: bool = False,
 ) -> Points:
     """The per-point half of :func:`locate` (arguments as there).
 
-    Differentiable in ``fy`` and ``fx``; ``d_fy`` and ``d_fx`` are their
-    derivatives, for a caller that forms the weights' tangent itself.
+    Differentiable in ``fy`` and ``fx``. With ``derivatives``, ``d_fy`` and
+    ``d_fx`` are their derivatives, for a caller that forms the weights'
+    tangent itself (:func:`weights_jvp`); else they are None.
     """
     height, width = size
     # Per-point sizes (arrays) take part in float and in integer arithmetic alike.
@@ -184,10 +186,15 @@ def points(
         # derivatives of the replaced branch are 0, never NaN * 0.
         return _axis(jnp.where(nan, _LOW, coord), size, mode)
 
-    (y_low, y_step, fy, iy_low, iy_high), (_, _, d_fy, _, _) = jax.jvp(
-        functools.partial(axis, size=height_f), (y,), (jnp.ones_like(y),))
-    (x_low, x_step, fx, ix_low, ix_high), (_, _, d_fx, _, _) = jax.jvp(
-        functools.partial(axis, size=width_f), (x,), (jnp.ones_like(x),))
+    def with_derivative(coord, size):
+        fn = functools.partial(axis, size=size)
+        if not derivatives:
+            return fn(coord), None
+        out, (_, _, d_frac, _, _) = jax.jvp(fn, (coord,), (jnp.ones_like(coord),))
+        return out, d_frac
+
+    (y_low, y_step, fy, iy_low, iy_high), d_fy = with_derivative(y, height_f)
+    (x_low, x_step, fx, ix_low, ix_high), d_fx = with_derivative(x, width_f)
     base = jnp.asarray(batch, jnp.int32) * height
     group = jnp.asarray(group, jnp.int32)
     low = ((base + y_low) * width + x_low) * groups + group + first_row
