@@ -55,6 +55,10 @@ GRID = {
     "fg2_stride2_half": ((7, 6), 4, 4, (3, 3), (2, 2), ((2, 2), (2, 2)), (1, 1), 2, 1, True, "half"),
     "wide_kernel": ((5, 8), 2, 2, (3, 2), (1, 1), ((1, 1), (0, 0)), (1, 2), 1, 1, False, "integer"),
     "negative_padding": ((7, 7), 2, 2, (3, 3), (1, 1), ((-1, 1), (0, -1)), (1, 1), 1, 1, True, "normal"),
+    # the kernel's rearrangements to the group-major columns (sampled_matmul._times_kernel):
+    # offset groups finer than feature groups, and neither dividing the other
+    "fg2_groups8": ((6, 6), 8, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 2, 8, True, "normal"),
+    "fg3_groups2": ((5, 5), 6, 3, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 3, 2, True, "normal"),
 }
 
 
