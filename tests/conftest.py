@@ -22,6 +22,11 @@ jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false", "False"))
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# The tests check values: float32 matrix products in full float32 on every
+# backend, as on a CPU (XLA's default on NVIDIA GPUs is TF32, ~1e-3 relative:
+# the float32 fixtures failed on an H200 without this). deform_conv's
+# precision=None follows this setting, as lax.conv does.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

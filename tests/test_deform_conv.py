@@ -215,7 +215,6 @@ def test_chunked_paths_match_one_chunk(rng, monkeypatch):
 
     49 output rows: the primal's chunks of 6 overlap at the end, the derivatives'
     chunks of 4 pad the rows to 52."""
-    import deformjax._src.ops.deform_conv as module
     from deformjax._src import sampled_matmul
 
     inputs = make_inputs(rng, n=1, hw=(7, 7), c_in=2, c_out=3, groups=2, mask=True,
