@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py                      # the real-model shapes, GPU batch sizes
     python benchmarks/gpu.py --smoke              # tiny sizes, a few seconds on a CPU
+    python benchmarks/gpu.py --precision highest  # full float32 products, ours and lax.conv's
 
 Shapes (NHWC, 3x3, padding 1, modulated, offsets ~ N(0, 2^2)): the layer shapes of
 the performance issue, with the batch multiplied by --batch-scale (default 8 on an
@@ -12,7 +13,9 @@ cuDNN on NVIDIA GPUs), and, when torch with CUDA is importable, torchvision's
 deform_conv2d (float32 only: it has no bfloat16). Each comparison is timed
 interleaved (ours, peer, ours, peer, ...) after a warm-up; figures are medians in
 milliseconds. deformjax runs with the chunk policy of the backend it is lowered
-for (one chunk on accelerators).
+for (one chunk on accelerators). Matrix products and convolutions run at the
+backend's default precision (TF32 for float32 on NVIDIA GPUs since Ampere)
+unless --precision highest (full float32: torchvision's numbers).
 
 Then ``dcnv3`` at InternImage-T's stage shapes (bench_dcnv3.py's, batch times
 --batch-scale), float32 and bfloat16, forward and forward+backward (gradients
@@ -56,7 +59,7 @@ def median_ms(fns: dict, repeats: int) -> dict:
     return {name: 1e3 * seconds for name, seconds in bench.interleaved(fns, repeats).items()}
 
 
-def case(shape, dtype, repeats, torch_cuda):
+def case(shape, dtype, repeats, torch_cuda, precision=None):
     n, h, w, c_in, c_out, groups, fg = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), dtype)
@@ -66,12 +69,13 @@ def case(shape, dtype, repeats, torch_cuda):
                          dtype)
 
     def ours(x, offset, mask, kernel):
-        return deform_conv(x, offset, kernel, mask, padding=1, feature_group_count=fg)
+        return deform_conv(x, offset, kernel, mask, padding=1, feature_group_count=fg,
+                           precision=precision)
 
     def conv(x, kernel):
         return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=fg)
+                                        feature_group_count=fg, precision=precision)
 
     def loss(fn):
         return lambda *a: (fn(*a).astype(jnp.float32) ** 2).sum()
@@ -185,6 +189,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (2 with --smoke)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", choices=["default", "highest"], default="default",
+                        help="of the matrix products and convolutions, ours and lax.conv's "
+                             "(default: the backend's, TF32 for float32 on NVIDIA GPUs; "
+                             "highest: full float32, torchvision's numbers)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("benchmarks/results/gpu-latest.json"))
@@ -205,9 +213,11 @@ def main(argv=None):
             pass
     report = {"device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
               "batch_scale": scale, "repeats": repeats, "smoke": opts.smoke,
+              "precision": opts.precision,
               "torchvision": None if torch_cuda is None else torch_cuda[1].__version__,
               "results": {}}
-    print(f"{report['device']}, jax {jax.__version__}, batch x{scale}, medians of {repeats}, ms; "
+    print(f"{report['device']}, jax {jax.__version__}, batch x{scale}, medians of {repeats}, ms, "
+          f"precision {opts.precision}; "
           f"torchvision CUDA: {report['torchvision'] or 'no'}")
     print(f"{'shape':<14}{'dtype':<10}{'dj fwd':>9}{'conv':>9}{'ratio':>7}{'dj f+b':>9}"
           f"{'conv':>9}{'ratio':>7}{'tv fwd':>9}{'tv f+b':>9}")
@@ -215,7 +225,8 @@ def main(argv=None):
         shape = smoke_shape(SHAPES[name]) if opts.smoke else SHAPES[name]
         shape = (shape[0] * scale,) + shape[1:]
         for dtype in (jnp.dtype(d) for d in opts.dtypes):
-            r = case(shape, dtype, repeats, torch_cuda)
+            r = case(shape, dtype, repeats, torch_cuda,
+                     None if opts.precision == "default" else opts.precision)
             report["results"][f"{name}/{jnp.dtype(dtype).name}"] = {"shape": shape, **r}
             tv = "".join(f"{r[k]:>9.2f}" if k in r else f"{'-':>9}"
                          for k in ("torchvision_fwd", "torchvision_fwd_bwd"))

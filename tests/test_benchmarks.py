@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py runs (tiny sizes on the CPU) and writes its JSON; no timing is asserted."""
+"""The benchmark scripts run (tiny sizes on the CPU) and write their JSON; no timing is asserted."""
 
 import json
 import os
@@ -30,6 +30,26 @@ def test_gpu_benchmark_smoke_run(tmp_path):
             continue
         assert all(figures[k] > 0 for k in ("deformjax_fwd", "deformjax_fwd_bwd",
                                             "lax_conv_fwd", "lax_conv_fwd_bwd"))
+
+
+def test_gpu_policy_benchmark_smoke_run(tmp_path):
+    """Each policy compiles its own program (on a CPU the shipped one chunks the derivative at
+    1 MiB, tangent_chunks_64MiB does not at this size), and all give the same gradients."""
+    out = tmp_path / "policy.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_policy.py"), "--smoke", "--shapes", "A",
+         "--batch-scale", "128",  # 2048 rows of 576 bytes: the shipped CPU policy chunks them
+         "--policies", "shipped", "no_fence", "tangent_chunks_64MiB", "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())["results"]["A"]
+    for policy in ("shipped", "no_fence", "tangent_chunks_64MiB"):
+        assert figures[f"{policy}_ms"] > 0 and figures[f"{policy}_temp_bytes"] > 0
+    assert figures["no_fence_max_rel_diff"] < 1e-5
+    assert figures["tangent_chunks_64MiB_max_rel_diff"] < 1e-5
+    assert figures["shipped_temp_bytes"] < figures["tangent_chunks_64MiB_temp_bytes"]
 
 
 def test_roi_benchmark_smoke_run(tmp_path):
