@@ -388,6 +388,30 @@ def test_derivative_points_are_written_out_once(rng, monkeypatch):
         jax.clear_caches()
 
 
+def test_adaptive_roi_pooling_writes_its_sample_rows_out_once(rng, monkeypatch):
+    """The ragged loop's corner rows come out of sampling.fenced: without it XLA fused their
+    index arithmetic into each corner's gather, once per channel (benchmarks/bench_roi.py's
+    map200 forward+backward 26 -> 63 ms on the 2-core EPYC, unnoticed for a day)."""
+    from deformjax._src import sampling
+
+    features, rois = jax.device_put(
+        (rng.normal(size=(1, 16, 16, 8)).astype(np.float32),
+         np.array([[0, 1.0, 2.0, 12.0, 9.0], [0, 3.5, 0.0, 15.0, 14.5]], np.float32)),
+        jax.devices("cpu")[0])
+    grad = jax.grad(lambda f: (deform_roi_pool(f, rois, output_size=3) ** 2).sum())
+
+    def conditionals():
+        jax.clear_caches()
+        return jax.jit(grad).lower(features).compile().as_text().count("conditional(")
+
+    fenced = conditionals()
+    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
+    try:
+        assert fenced > conditionals()
+    finally:
+        jax.clear_caches()
+
+
 def test_deform_roi_pool_module_accepts_what_the_function_accepts():
     features = np.ones((1, 12, 12, 2), np.float32)
     rois = [[0, 1.0, 1.0, 8.0, 8.0]]  # a list of Python floats: weakly typed

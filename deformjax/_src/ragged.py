@@ -153,7 +153,9 @@ def _loop(y0, x0, bins: Bins, static: Static, visit, init):
                 groups=static.groups, group=group, reads=live, first_row=first_row,
             )
 
-        index = locate(y, x)[0]
+        # Written out once (sampling.fenced): left to itself XLA fuses the index
+        # arithmetic into each corner's gather and repeats it per channel.
+        index = sampling.fenced(lambda y, x: locate(y, x)[0], y, x)
         weights = [jnp.where(live[:, None], _weights(lambda y, x: locate(y, x)[1], y, x, o), 0)
                    for o in static.orders]
         carry = visit(carry, jnp.where(live, at, num_bins), index, weights)
