@@ -363,53 +363,46 @@ def test_vmap_keeps_the_gather_guard_a_conditional(rng):
     assert plain >= 2 and mapped == plain
 
 
+def _conditionals_with_and_without_fence(monkeypatch, fn, *operands):
+    """Conditionals in ``jit(fn)`` compiled for the CPU, as is and with ``sampling.fenced`` a
+    plain call. The fence is aimed at the CPU's fusion (an H200's compiler dropped the
+    conditional, at no cost: benchmarks/gpu_policy.py), so the CPU compiles on any machine."""
+    from deformjax._src import sampling
+
+    operands = jax.device_put(operands, jax.devices("cpu")[0])
+
+    def conditionals():
+        jax.clear_caches()
+        return jax.jit(fn).lower(*operands).compile().as_text().count("conditional(")
+
+    fenced = conditionals()
+    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
+    try:
+        return fenced, conditionals()
+    finally:
+        jax.clear_caches()
+
+
 def test_derivative_points_are_written_out_once(rng, monkeypatch):
     """The derivative's sampling points are the results of a conditional (sampling.fenced)
     that survives compilation: were its predicate one XLA can decide, XLA would drop it and
     every per-corner and per-channel reader would repeat the points' arithmetic (EDVR's
     forward+backward 342 -> 277 ms with it, docs/performance.md)."""
-    from deformjax._src import sampling
-
     x, offset, kernel, mask = conv_case(rng, n=1)
-    # Compiled for the CPU on any machine: the fence is aimed at the CPU (an H200's
-    # compiler dropped the conditional, at no cost: benchmarks/gpu_policy.py).
-    x, offset, mask = jax.device_put((x, offset, mask), jax.devices("cpu")[0])
     grad = jax.grad(lambda x, o, m: (CONV(x, o, kernel, m) ** 2).sum(), argnums=(0, 1, 2))
-
-    def conditionals():
-        jax.clear_caches()
-        return jax.jit(grad).lower(x, offset, mask).compile().as_text().count("conditional(")
-
-    fenced = conditionals()
-    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
-    try:
-        assert fenced == conditionals() + 1
-    finally:
-        jax.clear_caches()
+    fenced, plain = _conditionals_with_and_without_fence(monkeypatch, grad, x, offset, mask)
+    assert fenced == plain + 1
 
 
 def test_adaptive_roi_pooling_writes_its_sample_rows_out_once(rng, monkeypatch):
     """The ragged loop's corner rows come out of sampling.fenced: without it XLA fused their
     index arithmetic into each corner's gather, once per channel (benchmarks/bench_roi.py's
     map200 forward+backward 26 -> 63 ms on the 2-core EPYC, unnoticed for a day)."""
-    from deformjax._src import sampling
-
-    features, rois = jax.device_put(
-        (rng.normal(size=(1, 16, 16, 8)).astype(np.float32),
-         np.array([[0, 1.0, 2.0, 12.0, 9.0], [0, 3.5, 0.0, 15.0, 14.5]], np.float32)),
-        jax.devices("cpu")[0])
-    grad = jax.grad(lambda f: (deform_roi_pool(f, rois, output_size=3) ** 2).sum())
-
-    def conditionals():
-        jax.clear_caches()
-        return jax.jit(grad).lower(features).compile().as_text().count("conditional(")
-
-    fenced = conditionals()
-    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
-    try:
-        assert fenced > conditionals()
-    finally:
-        jax.clear_caches()
+    features = rng.normal(size=(1, 16, 16, 8)).astype(np.float32)
+    rois = np.array([[0, 1.0, 2.0, 12.0, 9.0], [0, 3.5, 0.0, 15.0, 14.5]], np.float32)
+    grad = jax.grad(lambda f, r: (deform_roi_pool(f, r, output_size=3) ** 2).sum())
+    fenced, plain = _conditionals_with_and_without_fence(monkeypatch, grad, features, rois)
+    assert fenced > plain
 
 
 def test_deform_roi_pool_module_accepts_what_the_function_accepts():
