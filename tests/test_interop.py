@@ -115,6 +115,14 @@ def test_errors_name_the_key():
     with pytest.raises(ValueError, match=re.escape("no torch layout is known for the variable "
                                                    "stray (shape (3,))")):
         load_torch_state_dict({"params": {**variables["params"], "stray": jnp.zeros(3)}}, sd)
+    # nothing inside the offset branch is skipped silently
+    stray = {**variables["params"], "offset": {**variables["params"]["offset"],
+                                               "scale": jnp.ones(3)}}
+    with pytest.raises(ValueError, match=re.escape("no torch layout is known for the variable "
+                                                   "offset/scale (shape (3,))")):
+        load_torch_state_dict({"params": stray}, sd)
+    with pytest.raises(ValueError, match=re.escape("variable offset (expected a convolution's")):
+        load_torch_state_dict({"params": {**variables["params"], "offset": jnp.zeros(3)}}, sd)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         load_torch_state_dict(variables, [("weight", sd["weight"])])
 

@@ -157,8 +157,18 @@ def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
     elif _is_array(kernel) and kernel.ndim == 4:
         only({"kernel", "bias", "offset"})
         yield from _conv(path, name, params)  # also a deformable conv's main kernel
-        offset = params.get("offset")
-        if isinstance(offset, Mapping) and _is_array(offset.get("kernel")):
+        if "offset" in params:  # a deformable conv's offset branch: a plain convolution
+            offset = params["offset"]
+            if not (isinstance(offset, Mapping) and _is_array(offset.get("kernel"))
+                    and offset["kernel"].ndim == 4):
+                raise ValueError(f"{_FN}: no torch layout is known for the variable "
+                                 f"{'/'.join(path + ('offset',))} (expected a convolution's "
+                                 f"kernel and bias)")
+            extra = sorted(set(offset) - {"kernel", "bias"})
+            if extra:
+                raise ValueError(f"{_FN}: no torch layout is known for the variable "
+                                 f"{'/'.join(path + ('offset', extra[0]))} "
+                                 f"(shape {getattr(offset[extra[0]], 'shape', 'a subtree')})")
             yield from _conv(path + ("offset",), _join(name, "conv_offset"), offset)
     elif _is_array(kernel) and kernel.ndim == 2:
         only({"kernel", "bias"})
