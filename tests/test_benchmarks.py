@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -50,6 +52,15 @@ def test_gpu_policy_benchmark_smoke_run(tmp_path):
     assert figures["no_fence_max_rel_diff"] < 1e-5
     assert figures["tangent_chunks_64MiB_max_rel_diff"] < 1e-5
     assert figures["shipped_temp_bytes"] < figures["tangent_chunks_64MiB_temp_bytes"]
+
+
+def test_gpu_policy_refuses_an_unknown_policy(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_policy
+
+    with pytest.raises(ValueError, match="gpu_policy: unknown policy 'fast'"):
+        with gpu_policy.policy("fast"):
+            pass
 
 
 def test_roi_benchmark_smoke_run(tmp_path):

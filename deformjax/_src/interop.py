@@ -137,6 +137,15 @@ def _dcnv3(path, name, node):
                            bias=_join(name, "center_feature_scale_proj_bias"))
 
 
+def _no_layout(path: tuple[str, ...], detail: str) -> ValueError:
+    return ValueError(f"{_FN}: no torch layout is known for the variable {'/'.join(path)} "
+                      f"({detail})")
+
+
+def _shape(value: Any) -> str:
+    return f"shape {getattr(value, 'shape', 'a subtree')}"
+
+
 def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
     """The entries of one module's variables, recognised by their structure."""
     params, stats = params or {}, stats or {}
@@ -145,10 +154,7 @@ def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
 
     def only(allowed):
         for key in sorted(keys - allowed):
-            value = params.get(key, stats.get(key))
-            shape = getattr(value, "shape", "a subtree")
-            raise ValueError(f"{_FN}: no torch layout is known for the variable "
-                             f"{'/'.join(path + (key,))} (shape {shape})")
+            raise _no_layout(path + (key,), _shape(params.get(key, stats.get(key))))
 
     if _DCNV3 <= keys:
         yield from _dcnv3(path, name, params)
@@ -161,14 +167,10 @@ def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
             offset = params["offset"]
             if not (isinstance(offset, Mapping) and _is_array(offset.get("kernel"))
                     and offset["kernel"].ndim == 4):
-                raise ValueError(f"{_FN}: no torch layout is known for the variable "
-                                 f"{'/'.join(path + ('offset',))} (expected a convolution's "
-                                 f"kernel and bias)")
+                raise _no_layout(path + ("offset",), "expected a convolution's kernel and bias")
             extra = sorted(set(offset) - {"kernel", "bias"})
             if extra:
-                raise ValueError(f"{_FN}: no torch layout is known for the variable "
-                                 f"{'/'.join(path + ('offset', extra[0]))} "
-                                 f"(shape {getattr(offset[extra[0]], 'shape', 'a subtree')})")
+                raise _no_layout(path + ("offset", extra[0]), _shape(offset[extra[0]]))
             yield from _conv(path + ("offset",), _join(name, "conv_offset"), offset)
     elif _is_array(kernel) and kernel.ndim == 2:
         only({"kernel", "bias"})
@@ -181,9 +183,7 @@ def _walk(params, stats, path: tuple[str, ...], name: str) -> Iterator[Entry]:
         for child in sorted(keys):
             p, s = params.get(child), stats.get(child)
             if _is_array(p) or _is_array(s):
-                shape = (p if p is not None else s).shape
-                raise ValueError(f"{_FN}: no torch layout is known for the variable "
-                                 f"{'/'.join(path + (child,))} (shape {shape})")
+                raise _no_layout(path + (child,), _shape(p if p is not None else s))
             yield from _walk(p, s, path + (child,), _join(name, _torch_child(child)))
 
 

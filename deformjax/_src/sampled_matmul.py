@@ -142,7 +142,7 @@ def origins(spec: Spec) -> jax.Array:
                       (pos % wo) * spec.strides[1] - spec.origin[1]], axis=-1)
 
 
-def _points(spec: Spec, origin, offset, mask):
+def _points(spec: Spec, origin, offset, mask, *, derivatives: bool):
     """The sampling points of some output rows: ``(sampling.Points, scale)``, ``(rows, G, K)`` each.
 
     Args:
@@ -151,6 +151,8 @@ def _points(spec: Spec, origin, offset, mask):
       offset: ``(rows, G * K * 2)`` offsets of these rows, indexed ``(g, t, {dy, dx})``.
       mask: ``(rows, G * K)`` modulation, or anything when not ``spec.modulated``
         (``scale`` is then None).
+      derivatives: whether the points carry their coordinates' derivatives
+        (``sampling.weights_jvp``'s input; None otherwise).
 
     Group-major, the offsets' own order: no transposition of the offsets, the
     mask, or their cotangents. The samples come out as rows ``(rows, G * K *
@@ -173,7 +175,7 @@ def _points(spec: Spec, origin, offset, mask):
         mode="zeros",
         groups=groups,
         group=jnp.arange(groups)[:, None],
-        derivatives=True,
+        derivatives=derivatives,
     )
     scale = mask.astype(acc).reshape(rows, groups, taps) if spec.modulated else None
     return pts, scale
@@ -185,7 +187,7 @@ def _split(spec: Spec, offset):
     return off[..., 0], off[..., 1]
 
 
-def locate(spec: Spec, origin, offset, mask, *, fence: bool):
+def locate(spec: Spec, origin, offset, mask, *, fence: bool, derivatives: bool = False):
     """Corner rows and weights of some output rows (arguments as in :func:`_points`).
 
     With ``fence``, the points are computed apart from the corners
@@ -200,7 +202,7 @@ def locate(spec: Spec, origin, offset, mask, *, fence: bool):
       ``(index, weights, pts, scale)``: ``(rows, G, K, 4)`` index and weights
       (``sampling.corners``), and the points they came from.
     """
-    points = functools.partial(_points, spec)
+    points = functools.partial(_points, spec, derivatives=derivatives)
     pts, scale = (sampling.fenced(points, origin, offset, mask) if fence
                   else points(origin, offset, mask))
     h, w = spec.image_hw
@@ -311,7 +313,8 @@ def _deform_matmul_jvp(spec, primals, tangents):
 
     def tangent_rows(origin, offset, mask, d_offset, d_mask):
         rows = offset.shape[0]
-        index, weights, pts, scale = locate(spec, origin, offset, mask, fence=True)
+        index, weights, pts, scale = locate(spec, origin, offset, mask, fence=True,
+                                            derivatives=has_points)
         if has_points:
             # The weights' tangent from the points' derivatives (corner by
             # corner, so that its transpose sums no corner axis).

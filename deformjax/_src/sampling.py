@@ -175,7 +175,6 @@ def points(
     ``d_fx`` are their derivatives, for a caller that forms the weights'
     tangent itself (:func:`weights_jvp`); else they are None.
     """
-    height, width = size
     # Per-point sizes (arrays) take part in float and in integer arithmetic alike.
     height_f, width_f = (v if isinstance(v, int) else jnp.asarray(v, y.dtype) for v in size)
     height, width = (v if isinstance(v, int) else jnp.asarray(v, jnp.int32) for v in size)
