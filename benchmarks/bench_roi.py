@@ -25,7 +25,8 @@ forward and forward+backward (loss ``sum(y**2)``, gradients of the features and
 the offsets) times and compiled temporaries (XLA's memory_analysis), and the
 total number of bilinear samples the RoIs need. torchvision (optional import)
 runs the same RoIs without offsets (it has none), forward and forward+backward
-(gradient of the features), on the same numbers in NCHW. Timing: interleaved
+(gradient of the features), on the same numbers in NCHW, on the GPU when JAX runs
+on one and torch has CUDA (synchronised after each call), else on the CPU. Timing: interleaved
 after a warm-up, medians (bench.py's discipline).
 """
 
@@ -135,16 +136,28 @@ def make_case(name, smoke, rng):
     return pool, features, rois, offset, info, scales
 
 
+def torch_device():
+    """"cuda" when JAX runs on a GPU and torch sees one (then both time the GPU), else "cpu"."""
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def torch_fns(name, features, rois, scales):
-    """torchvision forward and forward+backward on the same RoIs, no offsets."""
+    """torchvision forward and forward+backward on the same RoIs, no offsets, on the device
+    JAX uses when torch has it (a CUDA GPU), else on the CPU."""
+    device = torch_device()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if name == "multi_level":
         level = np.asarray(roi_levels(jnp.asarray(rois), 4, FINEST_SCALE))
-        maps = [torch.tensor(f.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        maps = [torch.tensor(f.transpose(0, 3, 1, 2).copy(), device=device, requires_grad=True)
                 for f in features]
-        parts = [(maps[l], torch.tensor(rois[level == l]), scales[l]) for l in range(4)]
+        parts = [(maps[l], torch.tensor(rois[level == l], device=device), scales[l])
+                 for l in range(4)]
     else:
-        maps = [torch.tensor(features.transpose(0, 3, 1, 2).copy(), requires_grad=True)]
-        parts = [(maps[0], torch.tensor(rois), scales[0])]
+        maps = [torch.tensor(features.transpose(0, 3, 1, 2).copy(), device=device,
+                             requires_grad=True)]
+        parts = [(maps[0], torch.tensor(rois, device=device), scales[0])]
     op = torchvision.ops.ps_roi_align if name == "ps_rfcn" else torchvision.ops.roi_align
 
     def run(backward):
@@ -154,6 +167,7 @@ def torch_fns(name, features, rois, scales):
             loss = loss + (op(fmap, r, OUT, scale, 0, **kw) ** 2).sum()
         if backward:
             torch.autograd.grad(loss, maps)
+        sync()
 
     def fwd():
         with torch.no_grad():
@@ -202,18 +216,21 @@ def main(argv=None):
                         default=pathlib.Path("benchmarks/results/roi-latest.json"))
     opts = parser.parse_args(argv)
     repeats = 1 if opts.smoke else opts.repeats or (3 if opts.quick else 7)
-    # torchvision's CPU kernels take seconds at detection scale: fewer repeats
-    torch_repeats = max(1, math.ceil(repeats / 2))
     with_torch = torch is not None and not opts.no_torch
+    on_cuda = with_torch and torch_device() == "cuda"
+    # torchvision's CPU kernels take seconds at detection scale: fewer repeats there
+    torch_repeats = repeats if on_cuda else max(1, math.ceil(repeats / 2))
     report = {
         "machine": machine(with_torch),
         "smoke": opts.smoke,
         "repeats": repeats,
         "torch_repeats": torch_repeats,
+        "torch_device": ("cuda" if on_cuda else "cpu") if with_torch else None,
         "cases": {},
     }
     print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores; "
-          f"torchvision: {report['machine']['torchvision'] or 'not installed'}; "
+          f"torchvision: {report['machine']['torchvision'] or 'not installed'}"
+          f"{' (cuda)' if on_cuda else ''}; "
           f"medians, milliseconds; temporaries in MiB\n")
     print(f"{'case':<12}{'samples':>11}{'dj fwd':>9}{'dj f+b':>9}{'tmp fwd':>9}{'tmp f+b':>9}"
           f"{'tv fwd':>9}{'tv f+b':>9}{'f+b / tv':>10}")
