@@ -210,3 +210,31 @@ def test_adaptive_in_many_small_trips(rng, monkeypatch):
         features, rois[[0, 2, 3, 4, 5]], offset[[0, 2, 3, 4, 5]],
         cotangent=cotangent[[0, 2, 3, 4, 5]], **kw)[1]
     np.testing.assert_allclose(grad_features, grad_ref_no_pad, rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_trip_size_is_chosen_per_platform():
+    """A program lowered for a GPU visits the accelerators' K samples per trip, one lowered
+    for the CPU the CPU's; a program lowered for both keeps both (lax.platform_dependent)."""
+    import re
+
+    from deformjax._src import ragged
+
+    features = jnp.ones((1, 9, 9, 8), jnp.float32)
+    rois = jnp.array([[0, 1, 1, 7, 7]], jnp.float32)
+    cpu, gpu = ragged.slots_for(8, 4), ragged.slots_for(8, 4, accelerator=True)
+    assert gpu > cpu
+
+    def trip_sizes(fn, platforms):
+        module = jax.export.export(jax.jit(fn), platforms=platforms)(features).mlir_module()
+        return {k for k in (cpu, gpu) if re.search(rf"tensor<{k}x8xf32>", module)}
+
+    def pool(f):
+        return deform_roi_pool(f, rois, output_size=2)
+
+    def loss(f):
+        return jax.grad(lambda f: jnp.sum(pool(f) ** 2))(f)
+
+    assert trip_sizes(pool, ["cpu"]) == {cpu}
+    assert trip_sizes(pool, ["cuda"]) == {gpu}
+    assert trip_sizes(loss, ["cuda"]) == {gpu}
+    assert trip_sizes(pool, ["cpu", "cuda"]) == {cpu, gpu}

@@ -47,9 +47,14 @@ from jax import lax
 from deformjax._src import sampling
 
 # Bytes of one corner's gathered rows per trip (K * C * itemsize); K is clipped to
-# [_MIN_SLOTS, _MAX_SLOTS].
+# [_MIN_SLOTS, _MAX_SLOTS]. On a CPU a trip's rows stay within the caches. On an
+# accelerator every trip costs a few dozen kernel launches whatever its size, so a
+# trip takes up to ACCELERATOR_SLOT_BYTES per corner: with the CPU's K, an H100 ran
+# 70-270x slower than torchvision's CUDA roi_align (docs/performance.md).
 SLOT_BYTES = 2**18
+ACCELERATOR_SLOT_BYTES = 2**26
 _MIN_SLOTS, _MAX_SLOTS = 64, 4096
+_MAX_ACCELERATOR_SLOTS = 2**18
 
 
 class Bins(NamedTuple):
@@ -78,11 +83,32 @@ class Static(NamedTuple):
     orders: tuple[tuple[int, int], ...] = ((0, 0),)
 
 
-def slots_for(channels: int, itemsize: int) -> int:
-    """``K``: the samples per trip, a power of two."""
-    k = max(1, SLOT_BYTES // max(1, channels * itemsize))
+def slots_for(channels: int, itemsize: int, *, accelerator: bool = False) -> int:
+    """``K``: the samples per trip, a power of two (a CPU's, or an accelerator's)."""
+    budget, cap = ((ACCELERATOR_SLOT_BYTES, _MAX_ACCELERATOR_SLOTS) if accelerator
+                   else (SLOT_BYTES, _MAX_SLOTS))
+    k = max(1, budget // max(1, channels * itemsize))
     k = 1 << (k.bit_length() - 1)
-    return int(min(max(k, _MIN_SLOTS), _MAX_SLOTS))
+    return int(min(max(k, _MIN_SLOTS), max(cap, _MIN_SLOTS)))
+
+
+def pooled_sums(image, y0, x0, bins: Bins, *, groups: int, zero_row: int):
+    """``(B, C)``: per bin, the sum of its adaptive grid's bilinear samples (:func:`sums`).
+
+    ``K`` is the CPU's when lowered for a CPU and the accelerators' elsewhere
+    (``lax.platform_dependent``), so one exported program keeps both.
+    """
+    itemsize = jnp.dtype(y0.dtype).itemsize
+
+    def run(slots):
+        static = Static(groups=groups, zero_row=zero_row, slots=slots)
+        return lambda *operands: sums(*operands, static)[0]
+
+    cpu = slots_for(image.shape[1], itemsize)
+    other = slots_for(image.shape[1], itemsize, accelerator=True)
+    if cpu == other:
+        return run(cpu)(image, y0, x0, bins)
+    return lax.platform_dependent(image, y0, x0, bins, cpu=run(cpu), default=run(other))
 
 
 def visited(origin, bin_size, count, size):

@@ -235,9 +235,8 @@ def _pool(levels, rois, offset, mask, *, output_size, spatial_scales, sampling_r
         # A RoI that reads nothing (padding, a bad batch index, a non-finite box) visits nothing.
         bins = bins._replace(samples=jnp.where(per_bin(reads[:, 0, 0]), bins.samples, 0))
         bins = jax.tree.map(lax.stop_gradient, bins)
-        static = ragged.Static(groups=groups, zero_row=total_rows,
-                               slots=ragged.slots_for(channels, jnp.dtype(acc).itemsize))
-        out = ragged.sums(image, y0, x0, bins, static)[0].reshape(num_rois, oh, ow, channels)
+        out = ragged.pooled_sums(image, y0, x0, bins, groups=groups, zero_row=total_rows)
+        out = out.reshape(num_rois, oh, ow, channels)
         total = jnp.maximum(count_h * count_w, 1)
         out = out / total[:, None, None, None]
         # A NaN bin origin (a NaN offset) pools NaN, as on the static grid.
