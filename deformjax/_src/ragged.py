@@ -245,7 +245,11 @@ def _sums_transpose(cotangent, y0, x0, bins, static, image_shape, image_dtype):
                 if order == (0, 0):  # nothing (not even 0 * inf) reaches an unread pixel
                     term = jnp.where(sampling.reads(w[:, q, None]), term, 0)
                 total = total + term
-            grad = grad.at[index[:, q]].add(total, mode="promise_in_bounds")
+            # A slot that reads the zero row (no sample, or an unread corner) adds
+            # nothing: its index is moved out of range and dropped, rather than every
+            # such slot adding zeros into the same row (on a GPU, one row's atomics).
+            into = jnp.where(index[:, q] == static.zero_row, static.zero_row + 1, index[:, q])
+            grad = grad.at[into].add(total, mode="drop")
         return grad
 
     init = jnp.zeros(image_shape, y0.dtype)
