@@ -48,9 +48,9 @@ from deformjax._src import sampling
 
 # Bytes of one corner's gathered rows per trip (K * C * itemsize); K is clipped to
 # [_MIN_SLOTS, _MAX_SLOTS]. On a CPU a trip's rows stay within the caches. On an
-# accelerator every trip costs a few dozen kernel launches whatever its size, so a
+# accelerator every trip has a fixed cost (its body's kernels, one after another), so a
 # trip takes up to ACCELERATOR_SLOT_BYTES per corner: with the CPU's K, an H100 ran
-# 70-270x slower than torchvision's CUDA roi_align (docs/performance.md).
+# 40-270x slower than torchvision's CUDA roi_align and ps_roi_align (docs/performance.md).
 SLOT_BYTES = 2**18
 ACCELERATOR_SLOT_BYTES = 2**26
 _MIN_SLOTS, _MAX_SLOTS = 64, 4096
