@@ -104,11 +104,12 @@ def pooled_sums(image, y0, x0, bins: Bins, *, groups: int, zero_row: int):
         static = Static(groups=groups, zero_row=zero_row, slots=slots)
         return lambda *operands: sums(*operands, static)[0]
 
-    cpu = slots_for(image.shape[1], itemsize)
-    other = slots_for(image.shape[1], itemsize, accelerator=True)
-    if cpu == other:
-        return run(cpu)(image, y0, x0, bins)
-    return lax.platform_dependent(image, y0, x0, bins, cpu=run(cpu), default=run(other))
+    channels = image.shape[1]
+    return lax.platform_dependent(
+        image, y0, x0, bins,
+        cpu=run(slots_for(channels, itemsize)),
+        default=run(slots_for(channels, itemsize, accelerator=True)),
+    )
 
 
 def visited(origin, bin_size, count, size):
