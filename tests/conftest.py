@@ -13,9 +13,10 @@ import pathlib
 # run) was about 40% of the suite's CPU time. Subprocesses (examples, several
 # hosts) inherit it through the environment. Benchmarks run without it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# On a GPU every pytest-xdist worker (-n auto: one per core) would preallocate 75%
-# of the same card's memory; on an H100 with 16 workers 16 RoI tests failed
-# that pass with -n0. Allocate on demand instead (no effect on a CPU).
+# On a GPU every pytest-xdist worker (-n auto: one per core) preallocates 75% of
+# the same card's memory by default: on an H100 with 16 workers 16 RoI tests
+# failed at once (the error text was cut off) that pass with -n0. Allocate on
+# demand instead (no effect on a CPU).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402

@@ -89,7 +89,7 @@ def slots_for(channels: int, itemsize: int, *, accelerator: bool = False) -> int
                    else (SLOT_BYTES, _MAX_SLOTS))
     k = max(1, budget // max(1, channels * itemsize))
     k = 1 << (k.bit_length() - 1)
-    return int(min(max(k, _MIN_SLOTS), max(cap, _MIN_SLOTS)))
+    return int(min(max(k, _MIN_SLOTS), cap))
 
 
 def pooled_sums(image, y0, x0, bins: Bins, *, groups: int, zero_row: int):
