@@ -394,6 +394,29 @@ def test_derivative_points_are_written_out_once(rng, monkeypatch):
     assert fenced == plain + 1
 
 
+def test_narrow_rows_sum_the_weights_cotangent_without_a_reduction(rng, monkeypatch):
+    """Rows of <= 16 channels broadcast a tangent's weights by concatenation
+    (sampling._weighted_rows), so that reverse mode sums each corner's channels with slice
+    adds instead of a reduction per corner, which XLA's CPU code runs as a YNNPACK call
+    (EDVR's forward+backward 172 -> 155 ms, docs/performance.md)."""
+    from deformjax._src import sampling
+
+    x, offset, kernel, mask = jax.device_put(conv_case(rng, c_in=8), jax.devices("cpu")[0])
+    grad = jax.grad(lambda x, o, m: (CONV(x, o, kernel, m) ** 2).sum(), argnums=(0, 1, 2))
+
+    def reductions():
+        jax.clear_caches()
+        return jax.jit(grad).lower(x, offset, mask).compile().as_text().count(" reduce(")
+
+    try:
+        narrow = reductions()
+        monkeypatch.setattr(sampling, "_NARROW_ROWS", 0)
+        broadcast = reductions()
+    finally:
+        jax.clear_caches()
+    assert narrow + 4 <= broadcast  # one reduction per corner fewer, at least
+
+
 def test_adaptive_roi_pooling_writes_its_sample_rows_out_once(rng, monkeypatch):
     """The ragged loop's corner rows come out of sampling.fenced: without it XLA fused their
     index arithmetic into each corner's gather, once per channel (benchmarks/bench_roi.py's
