@@ -368,37 +368,47 @@ def _reads(weights: jax.Array) -> jax.Array:
 reads = _reads
 
 
-# Rows of at most this many channels broadcast a tangent's weights over them by
-# concatenation (see _weighted_rows).
-_NARROW_ROWS = 16
-
-
 def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
     """``sum_q weights[..., q] * image[index[..., q]]``, one whole channel row per corner.
 
     With ``skip_zero_weights``, a corner whose weight is 0 or not finite adds
     ``weight * 0`` instead of ``weight * pixel`` (0, or NaN for a NaN weight).
-    Without it (the weights are a tangent, and reverse mode transposes this
-    function into their cotangent, a sum over the channels per corner), narrow
-    rows get each weight as a concatenation of copies, one per channel: its
-    transpose is a sum of slices that XLA fuses into one loop, where a
-    broadcast's transpose is a reduction that XLA's CPU code runs as one
-    YNNPACK call per corner. EDVR's forward+backward (8 channels per offset
-    group) 175 -> 147 ms, the depthwise shape (16) 269 -> 257 ms; rows of 32 or
-    64 channels were not faster (2-core EPYC, benchmarks/bench.py shapes).
+    Without it the weights are a tangent (:func:`weighted_rows`), and reverse
+    mode transposes this function into their cotangent: per corner, the sum
+    over the channels of the rows times the output's cotangent. On a CPU that
+    is one gather of all four corners and a product batched over the samples
+    (:func:`_tangent_rows_dot`), whose transpose XLA runs as one batched matrix
+    product; the per-corner form (:func:`_rows_by_corner`) transposes into one
+    reduction per corner, which XLA's CPU code runs as a YNNPACK call each:
+    CenterNet's forward+backward 253 -> 212 ms, the small shape 2.2 -> 1.7 ms,
+    the depthwise shape -8%, DCNv3 stage 1 -11%, none slower (2-core EPYC,
+    benchmarks/bench.py and bench_dcnv3.py shapes). Other platforms keep the
+    per-corner form, the one measured on GPUs (``lax.platform_dependent``).
     """
+    if not skip_zero_weights:
+        return lax.platform_dependent(image, index, weights, cpu=_tangent_rows_dot,
+                                      default=_rows_by_corner)
+    return _rows_by_corner(image, index, weights, skip_zero_weights=True)
+
+
+def _rows_by_corner(image, index, weights, *, skip_zero_weights=False):
+    """:func:`_weighted_rows`, corner by corner."""
     out = None
-    channels = image.shape[-1]
     for corner in range(4):
         rows = image.at[index[..., corner]].get(mode="promise_in_bounds").astype(weights.dtype)
         weight = weights[..., corner, None]
         if skip_zero_weights:
             rows = jnp.where(_reads(weight), rows, 0)
-        elif 1 < channels <= _NARROW_ROWS:
-            weight = jnp.concatenate([weight] * channels, axis=-1)
         term = weight * rows
         out = term if out is None else out + term
     return out
+
+
+def _tangent_rows_dot(image, index, weights):
+    """:func:`_weighted_rows` without skipping, as a product batched over the samples."""
+    rows = image.at[index].get(mode="promise_in_bounds").astype(weights.dtype)  # S + (4, C)
+    return jnp.einsum("...q,...qc->...c", weights, rows, precision=lax.Precision.HIGHEST,
+                      preferred_element_type=weights.dtype)
 
 
 def linear_rows(
