@@ -148,18 +148,18 @@ def _chunk_rows(rows: Any, row_bytes: int) -> int | None:
 
 
 def _aggregate(image, chunk, index, weights):
-    """``sum_q gather(image, index, weights)`` over the points, ``(M, G, D)``.
+    """The samples summed over the points (``sampling.point_sums``), ``(M, G, D)``.
 
     On a CPU a few thousand output positions at a time (``lax.map`` of a
-    ``jax.checkpoint``-ed body): XLA materialises each corner's gathered rows
-    before the sum over the points, and ``P`` times the output per corner does
-    not stay in cache; chunks of about ``CHUNK_BYTES`` per corner do, and the
-    backward pass recomputes each chunk's rows instead of storing them all.
-    Accelerators get a single chunk.
+    ``jax.checkpoint``-ed body): the gathered corner rows (``P`` times the
+    output per corner) are written out before their sum, and for the whole
+    layer they would not stay in cache; chunks of about ``CHUNK_BYTES`` per
+    corner do, and the backward pass recomputes each chunk's rows instead of
+    storing them all. Accelerators get a single chunk.
     """
 
     def body(index, weights):
-        return sampling.gather(image, index, weights).sum(axis=-2)
+        return sampling.point_sums(image, index, weights)
 
     if chunk is None:
         return body(index, weights)
