@@ -395,8 +395,9 @@ def test_derivative_points_are_written_out_once(rng, monkeypatch):
 
 
 def test_weights_cotangent_is_one_batched_product_on_the_cpu(rng, monkeypatch):
-    """On a CPU the weights' tangent is one product batched over the samples
-    (sampling._tangent_rows_dot), whose transpose XLA compiles to a batched matrix product
+    """On a CPU deform_conv's derivative chunks take the weights' tangent stacked, one product
+    batched over the samples (sampling._stacked_rows), whose transpose XLA compiles to a batched
+    matrix product
     instead of one YNNPACK reduction per corner (CenterNet's forward+backward 253 -> 212 ms,
     docs/performance.md); lowered for a GPU it keeps the per-corner form measured there."""
     from deformjax._src import sampling
@@ -413,7 +414,7 @@ def test_weights_cotangent_is_one_batched_product_on_the_cpu(rng, monkeypatch):
 
     try:
         product = reductions()
-        monkeypatch.setattr(sampling, "_tangent_rows_dot", sampling._rows_by_corner)
+        monkeypatch.setattr(sampling, "_stacked_rows", sampling._rows_by_corner)
         by_corner = reductions()
     finally:
         jax.clear_caches()

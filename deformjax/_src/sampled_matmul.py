@@ -335,7 +335,7 @@ def _deform_matmul_jvp(spec, primals, tangents):
             t_cols = sampling.linear_rows(d_image.astype(weights.dtype), index, weights,
                                           sampling.reads(weights))
         if has_points:
-            t = sampling.weighted_rows(image, index, d_weights, guard=guard)
+            t = sampling.weighted_rows(image, index, d_weights, guard=guard, stacked=True)
             t_cols = t if t_cols is None else t_cols + t
         t_out = None
         if t_cols is not None:

@@ -368,27 +368,35 @@ def _reads(weights: jax.Array) -> jax.Array:
 reads = _reads
 
 
-def _weighted_rows(image, index, weights, *, skip_zero_weights=False):
+def _weighted_rows(image, index, weights, form):
     """``sum_q weights[..., q] * image[index[..., q]]``, one whole channel row per corner.
 
-    With ``skip_zero_weights``, a corner whose weight is 0 or not finite adds
-    ``weight * 0`` instead of ``weight * pixel`` (0, or NaN for a NaN weight).
-    Without it the weights are a tangent (:func:`weighted_rows`), and reverse
-    mode transposes this function into their cotangent: per corner, the sum
-    over the channels of the rows times the output's cotangent. On a CPU that
-    is one gather of all four corners and a product batched over the samples
-    (:func:`_tangent_rows_dot`), whose transpose XLA runs as one batched matrix
-    product; the per-corner form (:func:`_rows_by_corner`) transposes into one
-    reduction per corner, which XLA's CPU code runs as a YNNPACK call each:
-    CenterNet's forward+backward 253 -> 212 ms, the small shape 2.2 -> 1.7 ms,
-    the depthwise shape -8%, DCNv3 stage 1 -11%, none slower (2-core EPYC,
-    benchmarks/bench.py and bench_dcnv3.py shapes). Other platforms keep the
-    per-corner form, the one measured on GPUs (``lax.platform_dependent``).
+    ``form`` is one of:
+
+    * ``"skip"``: a corner whose weight is 0 or not finite adds ``weight * 0``
+      instead of ``weight * pixel`` (0, or NaN for a NaN weight);
+    * ``"corners"``: the real rows (the weights are a tangent,
+      :func:`weighted_rows`), gathered and weighted corner by corner;
+    * ``"stacked"``: the same, on a CPU as one gather of all four corners and a
+      product batched over the samples (:func:`_stacked_rows`).
+
+    Reverse mode transposes a tangent's form into the weights' cotangent: per
+    corner, the sum over the channels of the rows times the output's
+    cotangent. Corner by corner that is a reduction per corner, which XLA's
+    CPU code runs as a YNNPACK call each; stacked, one batched matrix product:
+    forward+backward of deform_conv's derivative chunks at CenterNet's shape
+    253 -> 212 ms, the small shape 2.2 -> 1.7 ms, the depthwise shape -8%, of
+    dcnv3's chunks at stage 1 -11%, none slower (2-core EPYC, benchmarks/
+    bench.py and bench_dcnv3.py shapes). The stacked rows are written out, so
+    they are for the rows of one chunk: deform_roi_pool's static grid (256
+    channels, not chunked) took 210 -> 230 ms and 400 -> 449 MiB with them.
+    Other platforms keep the per-corner form, the one measured on GPUs
+    (``lax.platform_dependent``).
     """
-    if not skip_zero_weights:
-        return lax.platform_dependent(image, index, weights, cpu=_tangent_rows_dot,
+    if form == "stacked":
+        return lax.platform_dependent(image, index, weights, cpu=_stacked_rows,
                                       default=_rows_by_corner)
-    return _rows_by_corner(image, index, weights, skip_zero_weights=True)
+    return _rows_by_corner(image, index, weights, skip_zero_weights=form == "skip")
 
 
 def _rows_by_corner(image, index, weights, *, skip_zero_weights=False):
@@ -404,7 +412,7 @@ def _rows_by_corner(image, index, weights, *, skip_zero_weights=False):
     return out
 
 
-def _tangent_rows_dot(image, index, weights):
+def _stacked_rows(image, index, weights):
     """:func:`_weighted_rows` without skipping, as a product batched over the samples."""
     rows = image.at[index].get(mode="promise_in_bounds").astype(weights.dtype)  # S + (4, C)
     return jnp.einsum("...q,...qc->...c", weights, rows, precision=lax.Precision.HIGHEST,
@@ -433,7 +441,7 @@ def linear_rows(
     return (weights[..., None] * rows).sum(axis=-2)
 
 
-def _guarded_rows(image, index, weights, guard, *, skip_zero_weights=False):
+def _guarded_rows(image, index, weights, guard, form):
     """``_weighted_rows`` behind a bounds guard that XLA cannot fuse across.
 
     Fused with its surroundings on a CPU, the gather repeats the per-sample
@@ -445,7 +453,7 @@ def _guarded_rows(image, index, weights, guard, *, skip_zero_weights=False):
     weights. The predicate always holds (``locate`` never yields a negative
     row; the other branch would clamp), see :func:`bounds_guard`.
     """
-    rows = functools.partial(_weighted_rows, skip_zero_weights=skip_zero_weights)
+    rows = functools.partial(_weighted_rows, form=form)
     return lax.cond(
         guard,
         rows,
@@ -457,22 +465,26 @@ def _guarded_rows(image, index, weights, guard, *, skip_zero_weights=False):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _gather(image, index, weights, guard, skip_zero_weights):
+def _gather(image, index, weights, guard, form):
     if guard is None:
-        return _weighted_rows(image, index, weights, skip_zero_weights=skip_zero_weights)
-    return _guarded_rows(image, index, weights, guard, skip_zero_weights=skip_zero_weights)
+        return _weighted_rows(image, index, weights, form)
+    return _guarded_rows(image, index, weights, guard, form)
 
 
-def _gather_jvp(skip_zero_weights, primals, tangents):
+def _gather_jvp(form, primals, tangents):
     image, index, weights, guard = primals
     d_image, _, d_weights, _ = tangents
-    out = _gather(image, index, weights, guard, skip_zero_weights)
-    t_out = _gather_tangent(skip_zero_weights, image, index, weights, d_image, d_weights)
+    out = _gather(image, index, weights, guard, form)
+    t_out = _gather_tangent(form == "skip", form == "stacked", image, index, weights, d_image,
+                            d_weights)
     return out, jnp.zeros_like(out) if t_out is None else t_out
 
 
-def _gather_tangent(skip_zero_weights, image, index, weights, d_image, d_weights):
-    """The tangent of ``_gather`` (None when both tangents are symbolic zeros)."""
+def _gather_tangent(skip_zero_weights, stacked, image, index, weights, d_image, d_weights):
+    """The tangent of ``_gather`` (None when both tangents are symbolic zeros).
+
+    ``stacked``: the weights' tangent in :func:`_weighted_rows`' stacked form.
+    """
     t_out = None
     if not isinstance(d_image, SymbolicZero):
         # A corner that reads nothing sends nothing back, so that a NaN weight
@@ -485,7 +497,7 @@ def _gather_tangent(skip_zero_weights, image, index, weights, d_image, d_weights
         # The real corner rows: at an integer coordinate the far corner has
         # weight 0 but not derivative 0. (A choice of rows that depended on
         # d_weights would not be linear in it.)
-        t = _gather(image, index, d_weights, None, False)
+        t = _gather(image, index, d_weights, None, "stacked" if stacked else "corners")
         t_out = t if t_out is None else t_out + t
     return t_out
 
@@ -513,7 +525,7 @@ def gather(
       ``S + (C,)`` in the dtype of ``weights``: one gather of whole,
       contiguous channel rows per corner.
     """
-    return _gather(image, index, weights, guard, True)
+    return _gather(image, index, weights, guard, "skip")
 
 
 @jax.custom_jvp
@@ -523,7 +535,7 @@ def _point_sums(image, index, weights):
 
 
 def _point_sums_by_point(image, index, weights):
-    return _weighted_rows(image, index, weights, skip_zero_weights=True).sum(axis=-2)
+    return _weighted_rows(image, index, weights, "skip").sum(axis=-2)
 
 
 def _point_sums_dot(image, index, weights):
@@ -537,7 +549,7 @@ def _point_sums_jvp(primals, tangents):
     image, index, weights = primals
     d_image, _, d_weights = tangents
     out = _point_sums(image, index, weights)
-    t_out = _gather_tangent(True, image, index, weights, d_image, d_weights)
+    t_out = _gather_tangent(True, True, image, index, weights, d_image, d_weights)
     return out, jnp.zeros_like(out) if t_out is None else t_out.sum(axis=-2)
 
 
@@ -565,13 +577,21 @@ def point_sums(image: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Ar
 
 
 def weighted_rows(
-    image: jax.Array, index: jax.Array, weights: jax.Array, *, guard: jax.Array | None = None
+    image: jax.Array,
+    index: jax.Array,
+    weights: jax.Array,
+    *,
+    guard: jax.Array | None = None,
+    stacked: bool = False,
 ) -> jax.Array:
     """``sum_q weights[..., q] * image[index[..., q]]`` with the real corner rows.
 
     The form of :func:`gather` for weights that are a derivative (a tangent
     must be linear in them, so no row may be chosen by their values): at an
     integer coordinate the far corner has weight 0 but not derivative 0, and
-    its pixel is read. Arguments as in :func:`gather`.
+    its pixel is read. Arguments as in :func:`gather`; ``stacked`` gathers all
+    four corners at once and, on a CPU, contracts them with a product batched
+    over the samples, which reverse mode runs faster there: for the index of
+    one chunk, whose rows stay in cache (see ``_weighted_rows``).
     """
-    return _gather(image, index, weights, guard, False)
+    return _gather(image, index, weights, guard, "stacked" if stacked else "corners")
