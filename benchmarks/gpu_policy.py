@@ -17,7 +17,10 @@ an API):
 * ``no_fence``: the same without the fence (XLA fuses the points' arithmetic
   into each reader);
 * ``tangent_chunks_NMiB``: the derivative evaluated in chunks of N MiB of
-  columns (as on a CPU, where it is 1 MiB), the forward still one chunk.
+  columns (as on a CPU, where it is 1 MiB), the forward still one chunk;
+* ``cpu_layout``: one chunk, with the CPU's flat coordinates and corner-major
+  index and weights (``sampled_matmul._rows_flat`` and
+  ``_tangent_points_flat``) instead of the per-point layout.
 
 Writes JSON (--out).
 """
@@ -46,6 +49,7 @@ import gpu  # noqa: E402
 def policy(name: str):
     """Module settings of one policy while a function is traced."""
     saved_fenced, saved_per_platform = sampling.fenced, sampled_matmul.per_platform
+    saved_layout = sampled_matmul._rows_by_point, sampled_matmul._tangent_points_by_point
     saved_tables = (dict(sampled_matmul._PRIMAL_CHUNK_BYTES),
                     dict(sampled_matmul._TANGENT_CHUNK_BYTES))
     try:
@@ -56,11 +60,15 @@ def policy(name: str):
             sampled_matmul._PRIMAL_CHUNK_BYTES["cpu"] = 2**62  # the forward: one chunk
             sampled_matmul._TANGENT_CHUNK_BYTES["cpu"] = mib * 2**20
             sampled_matmul.per_platform = lambda fn, chunk, *operands: fn(chunk, *operands)
+        elif name == "cpu_layout":
+            sampled_matmul._rows_by_point = sampled_matmul._rows_flat
+            sampled_matmul._tangent_points_by_point = sampled_matmul._tangent_points_flat
         elif name != "shipped":
             raise ValueError(f"gpu_policy: unknown policy {name!r}")
         yield
     finally:
         sampling.fenced, sampled_matmul.per_platform = saved_fenced, saved_per_platform
+        sampled_matmul._rows_by_point, sampled_matmul._tangent_points_by_point = saved_layout
         sampled_matmul._PRIMAL_CHUNK_BYTES.update(saved_tables[0])
         sampled_matmul._TANGENT_CHUNK_BYTES.update(saved_tables[1])
 

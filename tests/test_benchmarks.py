@@ -41,15 +41,17 @@ def test_gpu_policy_benchmark_smoke_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_policy.py"), "--smoke", "--shapes", "A",
          "--batch-scale", "128",  # 2048 rows of 576 bytes: the shipped CPU policy chunks them
-         "--policies", "shipped", "no_fence", "tangent_chunks_64MiB", "--out", str(out)],
+         "--policies", "shipped", "no_fence", "tangent_chunks_64MiB", "cpu_layout",
+         "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())["results"]["A"]
-    for policy in ("shipped", "no_fence", "tangent_chunks_64MiB"):
+    for policy in ("shipped", "no_fence", "tangent_chunks_64MiB", "cpu_layout"):
         assert figures[f"{policy}_ms"] > 0 and figures[f"{policy}_temp_bytes"] > 0
     assert figures["no_fence_max_rel_diff"] < 1e-5
+    assert figures["cpu_layout_max_rel_diff"] < 1e-5
     assert figures["tangent_chunks_64MiB_max_rel_diff"] < 1e-5
     assert figures["shipped_temp_bytes"] < figures["tangent_chunks_64MiB_temp_bytes"]
 

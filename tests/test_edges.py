@@ -376,22 +376,108 @@ def _conditionals_with_and_without_fence(monkeypatch, fn, *operands):
         return jax.jit(fn).lower(*operands).compile().as_text().count("conditional(")
 
     fenced = conditionals()
-    monkeypatch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
     try:
-        return fenced, conditionals()
+        with monkeypatch.context() as patch:
+            patch.setattr(sampling, "fenced", lambda fn, *operands: fn(*operands))
+            return fenced, conditionals()
     finally:
         jax.clear_caches()
 
 
 def test_derivative_points_are_written_out_once(rng, monkeypatch):
-    """The derivative's sampling points are the results of a conditional (sampling.fenced)
-    that survives compilation: were its predicate one XLA can decide, XLA would drop it and
-    every per-corner and per-channel reader would repeat the points' arithmetic (EDVR's
-    forward+backward 342 -> 277 ms with it, docs/performance.md)."""
+    """On a CPU the forward's flat coordinates, and the derivative's coordinates, corner rows
+    and weights, and split offset tangent, are the results of conditionals (sampling.fenced)
+    that survive compilation: were their predicate one XLA can decide, XLA would drop them,
+    every per-corner and per-channel reader would repeat the points' arithmetic, and the
+    corners' loops would run scalar (docs/performance.md: EDVR's forward 52 -> 35 ms and
+    forward+backward -15% with the flat, written-out coordinates)."""
     x, offset, kernel, mask = conv_case(rng, n=1)
-    grad = jax.grad(lambda x, o, m: (CONV(x, o, kernel, m) ** 2).sum(), argnums=(0, 1, 2))
-    fenced, plain = _conditionals_with_and_without_fence(monkeypatch, grad, x, offset, mask)
+    forward = lambda x, o, m: CONV(x, o, kernel, m)  # noqa: E731
+    grad = jax.grad(lambda x, o, m: (forward(x, o, m) ** 2).sum(), argnums=(0, 1, 2))
+    fenced, plain = _conditionals_with_and_without_fence(monkeypatch, forward, x, offset, mask)
     assert fenced == plain + 1
+    fenced, plain = _conditionals_with_and_without_fence(monkeypatch, grad, x, offset, mask)
+    assert fenced == plain + 4
+
+
+def test_cpu_forward_takes_corner_major_index_and_weights(rng):
+    """On a CPU deform_conv's forward computes its index and weights with the corner axis first
+    (sampling.corners_leading, vectorized by LLVM: EDVR's forward 52 -> 35 ms,
+    docs/performance.md); lowered for a GPU it keeps the per-point layout measured there."""
+    x, offset, kernel, mask = jax.device_put(conv_case(rng, n=1, c_in=4), jax.devices("cpu")[0])
+    fn = jax.jit(lambda x, o, m: CONV(x, o, kernel, m))
+    points = 7 * 8 * 9  # output positions times taps, one offset group
+    text = {platform: fn.trace(x, offset, mask).lower(lowering_platforms=(platform,)).as_text()
+            for platform in ("cpu", "cuda")}
+    assert f"tensor<4x{points}xi32>" in text["cpu"]
+    assert f"tensor<4x{points}xi32>" not in text["cuda"]
+    assert "tensor<56x9x4xi32>" in text["cuda"]  # (rows, taps, corners)
+
+
+def test_cpu_sampler_layout_has_the_accelerators_derivatives(rng, monkeypatch):
+    """The CPU's flat, corner-major forward and derivative chunks (sampled_matmul._rows_flat,
+    _tangent_points_flat) give the values, gradients, forward-mode tangents and second
+    derivatives of the per-point layout that GPUs run (the fixtures test the CPU's against
+    torchvision): next to an infinite pixel, a NaN offset, integer offsets, a zero mask."""
+    from deformjax._src import sampled_matmul
+
+    x, offset, kernel, mask = conv_case(rng, n=2, c_in=4, c_out=3)
+    x[0, 1, 1, 0] = np.inf
+    offset[0, 3, 4, 5] = np.nan
+    offset[1, 2, 2, :6] = [1.0, -1.0, 0.0, 2.0, -2.0, 1.0]
+    mask[1, 4, 4, 3] = 0
+    x, offset, kernel, mask = jax.device_put((x, offset, kernel, mask), jax.devices("cpu")[0])
+
+    def loss(x, offset, kernel, mask):
+        return jnp.nansum(jnp.where(jnp.isinf(CONV(x, offset, kernel, mask)), 0,
+                                    CONV(x, offset, kernel, mask)) ** 2)
+
+    def everything():
+        jax.clear_caches()
+        out = CONV(x, offset, kernel, mask)
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(x, offset, kernel, mask)
+        tangent = jax.jvp(lambda x, o, m: CONV(x, o, kernel, m), (x, offset, mask),
+                          (x * 0 + 0.3, offset * 0.7, mask * 0.5))[1]
+        second = jax.grad(lambda o: jnp.nansum(jax.grad(loss, argnums=1)(x, o, kernel, mask))
+                          )(offset)
+        return out, grads, tangent, second
+
+    flat = everything()
+    monkeypatch.setattr(sampled_matmul, "_rows_flat", sampled_matmul._rows_by_point)
+    monkeypatch.setattr(sampled_matmul, "_tangent_points_flat",
+                        sampled_matmul._tangent_points_by_point)
+    try:
+        by_point = everything()
+    finally:
+        jax.clear_caches()
+    for got, want in zip(jax.tree.leaves(flat), jax.tree.leaves(by_point)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.isinf(flat[0]).any() and np.isnan(flat[0]).any()
+
+
+def test_corner_leading_gather_has_the_gathers_values(rng):
+    """sampling.corners_leading + gather_leading (the CPU forward's sampler) give gather's
+    values: out of the image, at integer coordinates next to the border, with NaN points, an
+    infinite pixel read with weight 0 (0) or not (inf), a zero and a NaN scale."""
+    from deformjax._src import sampling
+
+    h, w, c = 5, 6, 3
+    image = rng.normal(size=(h * w, c))
+    image[7] = np.inf  # pixel (1, 1)
+    image = sampling.with_zero_row(jnp.asarray(image))
+    y = np.array([0.5, -1.0, -0.5, 4.0, 4.5, 1.0, 1.0, 0.3, np.nan, 2.2, 1.0, 30.0, 2.7, 1.5])
+    x = np.array([0.5, 2.0, 5.2, 3.0, 1.0, 1.0, 0.0, 1.0, 1.0, np.nan, 2.0, 1.0, -0.9, 3.5])
+    scale = rng.uniform(0.5, 1.0, size=y.shape)
+    scale[10], scale[13] = 0, np.nan  # pixel (1, 2) with scale 0; a NaN scale
+    pts = sampling.points(jnp.asarray(y), jnp.asarray(x), 0, size=(h, w), mode="zeros")
+    index, weights = sampling.corners(pts, zero_row=h * w, scale=jnp.asarray(scale))
+    expected = sampling.gather(image, index, weights)
+    index, weights = sampling.corners_leading(pts, zero_row=h * w, scale=jnp.asarray(scale))
+    assert index.shape == weights.shape == (4,) + y.shape
+    out = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
+    np.testing.assert_array_equal(out, expected)
+    assert np.isinf(out[5]).all() and np.isfinite(out[6]).all()  # (1, 1) itself; (1, 0)
+    assert np.isnan(out[8]).all() and np.isnan(out[13]).all() and (out[11] == 0).all()
 
 
 def test_weights_cotangent_is_one_batched_product_on_the_cpu(rng, monkeypatch):
