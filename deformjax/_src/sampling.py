@@ -257,15 +257,17 @@ def corners_leading(
 
 
 def _leading(low, high, along, ndim):
-    """``(4,) + S``: per corner, ``high`` where ``along`` (the corners' pattern) holds, else ``low``.
+    """``(4,) + S``: per corner, ``high`` where ``along`` (the corners' pattern) holds.
 
-    ``ndim`` is the number of axes of ``S``.
+    Else ``low``; ``ndim`` is the number of axes of ``S``.
     """
     return jnp.where(along.reshape((4,) + (1,) * ndim), high, low)
 
 
 def weights_tangent_leading(pts: Points, scale, d_y, d_x, d_scale) -> jax.Array:
-    """The tangent ``(4,) + S`` of :func:`corners_leading`'s weights (arguments as in :func:`weights_jvp`).
+    """The tangent ``(4,) + S`` of :func:`corners_leading`'s weights.
+
+    Arguments as in :func:`weights_jvp`.
 
     Written corner by corner and stacked on the leading axis, so that its
     transpose takes four contiguous slices of the cotangent, never a sum
