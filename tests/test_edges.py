@@ -479,6 +479,20 @@ def test_corner_leading_gather_has_the_gathers_values(rng):
     assert np.isinf(out[5]).all() and np.isfinite(out[6]).all()  # (1, 1) itself; (1, 0)
     assert np.isnan(out[8]).all() and np.isnan(out[13]).all() and (out[11] == 0).all()
 
+    def weights(layout, y, x, scale):  # the weights' derivatives, corner axis last
+        pts = sampling.points(y, x, 0, size=(h, w), mode="zeros")
+        if layout == "leading":
+            return sampling.corners_leading(pts, zero_row=h * w, scale=scale)[1].T
+        return sampling.corners(pts, zero_row=h * w, scale=scale)[1]
+
+    primals = tuple(jnp.asarray(np.nan_to_num(a)) for a in (y, x, scale))
+    tangents = tuple(jnp.asarray(rng.normal(size=y.shape)) for _ in range(3))
+    for mode in (jax.jvp, lambda f, p, t: jax.vjp(f, *p)[1](t[0][:, None] * np.ones(4))):
+        got = mode(functools.partial(weights, "leading"), primals, tangents)
+        want = mode(functools.partial(weights, "last"), primals, tangents)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
 
 def test_weights_cotangent_is_one_batched_product_on_the_cpu(rng, monkeypatch):
     """On a CPU deform_conv's derivative chunks take the weights' tangent stacked, one product

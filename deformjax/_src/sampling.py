@@ -231,9 +231,10 @@ def corners_leading(
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`corners` with the corner axis first: ``(index, weights)``, ``(4,) + S`` each.
 
-    The same rows and weights, differentiable alike (the weights' derivative
-    is the formula's; :func:`weights_tangent_leading` is the one whose
-    transpose sums no corner axis).
+    The same rows and weights, differentiable alike: the weights' derivative
+    is the formula's, written corner by corner and stacked on the leading
+    axis (as :func:`weights_tangent_leading`), so that reverse mode takes four
+    contiguous slices of the cotangent instead of summing a corner axis.
 
     Why the corner axis first: XLA's CPU code loops over an output's innermost
     axis innermost, and LLVM vectorizes that loop only when it is long. With
@@ -247,13 +248,44 @@ def corners_leading(
     lead = functools.partial(_leading, ndim=jnp.ndim(pts.fy))
     inside = lead(pts.iy_low, pts.iy_high, _CORNER_HIGH_Y) & lead(pts.ix_low, pts.ix_high,
                                                                   _CORNER_HIGH_X)
-    weights = lead(1 - pts.fy, pts.fy, _CORNER_HIGH_Y) * lead(1 - pts.fx, pts.fx, _CORNER_HIGH_X)
+    weights = _leading_weights(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
+                               pts.ix_high, pts.nan)
+    index = pts.low + lead(0, pts.y_rows, _CORNER_HIGH_Y) + lead(0, pts.x_rows, _CORNER_HIGH_X)
+    return jnp.where(inside & ~pts.nan, index, zero_row), weights
+
+
+@jax.custom_jvp
+def _leading_weights(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
+    """:func:`_corner_weights` with the corner axis first, ``(4,) + S``."""
+    lead = functools.partial(_leading, ndim=jnp.ndim(fy))
+    inside = lead(iy_low, iy_high, _CORNER_HIGH_Y) & lead(ix_low, ix_high, _CORNER_HIGH_X)
+    weights = lead(1 - fy, fy, _CORNER_HIGH_Y) * lead(1 - fx, fx, _CORNER_HIGH_X)
     weights = jnp.where(inside, weights, 0)
     if scale is not None:
         weights = weights * scale
-    weights = jnp.where(pts.nan, jnp.nan, weights)
-    index = pts.low + lead(0, pts.y_rows, _CORNER_HIGH_Y) + lead(0, pts.x_rows, _CORNER_HIGH_X)
-    return jnp.where(inside & ~pts.nan, index, zero_row), weights
+    return jnp.where(nan, jnp.nan, weights)
+
+
+@_leading_weights.defjvp
+def _leading_weights_jvp(primals, tangents):
+    fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan = primals
+    d_fy, d_fx, d_scale = tangents[:3]
+    return _leading_weights(*primals), _leading_terms(
+        fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx, d_scale)
+
+
+def _leading_terms(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx, d_scale):
+    """The weights' tangent for fraction tangents ``d_fy``, ``d_fx``, corner by corner, stacked."""
+    terms = []
+    for high_y, high_x in zip(_CORNER_HIGH_Y, _CORNER_HIGH_X):
+        py, d_py = (fy, d_fy) if high_y else (1 - fy, -d_fy)
+        px, d_px = (fx, d_fx) if high_x else (1 - fx, -d_fx)
+        inside = (iy_high if high_y else iy_low) & (ix_high if high_x else ix_low)
+        term = jnp.where(inside, d_py * px + py * d_px, 0)
+        if scale is not None:
+            term = term * scale + jnp.where(inside, py * px, 0) * d_scale
+        terms.append(jnp.where(nan, 0, term))
+    return jnp.stack(terms)
 
 
 def _leading(low, high, along, ndim):
@@ -274,17 +306,8 @@ def weights_tangent_leading(pts: Points, scale, d_y, d_x, d_scale) -> jax.Array:
     over a corner axis. ``pts`` must carry derivatives (``points(...,
     derivatives=True)``).
     """
-    d_fy, d_fx = pts.d_fy * d_y, pts.d_fx * d_x
-    terms = []
-    for high_y, high_x in zip(_CORNER_HIGH_Y, _CORNER_HIGH_X):
-        py, d_py = (pts.fy, d_fy) if high_y else (1 - pts.fy, -d_fy)
-        px, d_px = (pts.fx, d_fx) if high_x else (1 - pts.fx, -d_fx)
-        inside = (pts.iy_high if high_y else pts.iy_low) & (pts.ix_high if high_x else pts.ix_low)
-        term = jnp.where(inside, d_py * px + py * d_px, 0)
-        if scale is not None:
-            term = term * scale + jnp.where(inside, py * px, 0) * d_scale
-        terms.append(jnp.where(pts.nan, 0, term))
-    return jnp.stack(terms)
+    return _leading_terms(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
+                          pts.ix_high, pts.nan, pts.d_fy * d_y, pts.d_fx * d_x, d_scale)
 
 
 def weights_jvp(pts: Points, scale, d_y, d_x, d_scale):
