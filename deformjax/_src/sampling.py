@@ -101,13 +101,14 @@ def _corners(low, high, along):
     return jnp.where(along, _per_corner(high), _per_corner(low))
 
 
-@jax.custom_jvp
-def _corner_weights(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
-    """The bilinear weights ``S + (4,)`` of points with fractions ``fy``, ``fx``.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _weights(leading, fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
+    """The bilinear weights of points with fractions ``fy``, ``fx``.
 
-    A corner outside the image (``iy_*``, ``ix_*``: the low / high row and
-    column inside) weighs 0; ``scale`` (or None) multiplies every weight; a NaN
-    point (``nan``) gets NaN weights.
+    ``S + (4,)``, or ``(4,) + S`` when ``leading``. A corner outside the image
+    (``iy_*``, ``ix_*``: the low / high row and column inside) weighs 0;
+    ``scale`` (or None) multiplies every weight; a NaN point (``nan``) gets
+    NaN weights.
 
     Its derivative is that of the formula, written corner by corner and
     stacked: reverse mode then transposes the stack into four slices of the
@@ -115,19 +116,33 @@ def _corner_weights(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
     transposed into sums over it (reductions that XLA's CPU code runs as
     separate, slow calls, with their inputs written out first).
     """
-    inside = _corners(iy_low, iy_high, _CORNER_HIGH_Y) & _corners(ix_low, ix_high, _CORNER_HIGH_X)
-    weights = _corners(1 - fy, fy, _CORNER_HIGH_Y) * _corners(1 - fx, fx, _CORNER_HIGH_X)
+    if leading:
+        pick, per_point = functools.partial(_leading, ndim=jnp.ndim(fy)), lambda a: a
+    else:
+        pick, per_point = _corners, _per_corner
+    inside = pick(iy_low, iy_high, _CORNER_HIGH_Y) & pick(ix_low, ix_high, _CORNER_HIGH_X)
+    weights = pick(1 - fy, fy, _CORNER_HIGH_Y) * pick(1 - fx, fx, _CORNER_HIGH_X)
     weights = jnp.where(inside, weights, 0)
     if scale is not None:
-        weights = weights * _per_corner(scale)
-    return jnp.where(_per_corner(nan), jnp.nan, weights)
+        weights = weights * per_point(scale)
+    return jnp.where(per_point(nan), jnp.nan, weights)
 
 
-@_corner_weights.defjvp
-def _corner_weights_jvp(primals, tangents):
+@_weights.defjvp
+def _weights_jvp(leading, primals, tangents):
     fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan = primals
     d_fy, d_fx, d_scale = tangents[:3]
-    out = _corner_weights(*primals)
+    terms = _corner_terms(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx,
+                          d_scale)
+    return _weights(leading, *primals), jnp.stack(terms, axis=0 if leading else -1)
+
+
+_corner_weights = functools.partial(_weights, False)  # corner axis last
+_leading_weights = functools.partial(_weights, True)  # corner axis first
+
+
+def _corner_terms(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx, d_scale):
+    """The weights' tangent for fraction tangents ``d_fy``, ``d_fx``: a list, one per corner."""
     terms = []
     for high_y, high_x in zip(_CORNER_HIGH_Y, _CORNER_HIGH_X):
         py, d_py = (fy, d_fy) if high_y else (1 - fy, -d_fy)
@@ -137,7 +152,7 @@ def _corner_weights_jvp(primals, tangents):
         if scale is not None:
             term = term * scale + jnp.where(inside, py * px, 0) * d_scale
         terms.append(jnp.where(nan, 0, term))
-    return out, jnp.stack(terms, axis=-1)
+    return terms
 
 
 class Points(NamedTuple):
@@ -254,40 +269,6 @@ def corners_leading(
     return jnp.where(inside & ~pts.nan, index, zero_row), weights
 
 
-@jax.custom_jvp
-def _leading_weights(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan):
-    """:func:`_corner_weights` with the corner axis first, ``(4,) + S``."""
-    lead = functools.partial(_leading, ndim=jnp.ndim(fy))
-    inside = lead(iy_low, iy_high, _CORNER_HIGH_Y) & lead(ix_low, ix_high, _CORNER_HIGH_X)
-    weights = lead(1 - fy, fy, _CORNER_HIGH_Y) * lead(1 - fx, fx, _CORNER_HIGH_X)
-    weights = jnp.where(inside, weights, 0)
-    if scale is not None:
-        weights = weights * scale
-    return jnp.where(nan, jnp.nan, weights)
-
-
-@_leading_weights.defjvp
-def _leading_weights_jvp(primals, tangents):
-    fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan = primals
-    d_fy, d_fx, d_scale = tangents[:3]
-    return _leading_weights(*primals), _leading_terms(
-        fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx, d_scale)
-
-
-def _leading_terms(fy, fx, scale, iy_low, iy_high, ix_low, ix_high, nan, d_fy, d_fx, d_scale):
-    """The weights' tangent for fraction tangents ``d_fy``, ``d_fx``, corner by corner, stacked."""
-    terms = []
-    for high_y, high_x in zip(_CORNER_HIGH_Y, _CORNER_HIGH_X):
-        py, d_py = (fy, d_fy) if high_y else (1 - fy, -d_fy)
-        px, d_px = (fx, d_fx) if high_x else (1 - fx, -d_fx)
-        inside = (iy_high if high_y else iy_low) & (ix_high if high_x else ix_low)
-        term = jnp.where(inside, d_py * px + py * d_px, 0)
-        if scale is not None:
-            term = term * scale + jnp.where(inside, py * px, 0) * d_scale
-        terms.append(jnp.where(nan, 0, term))
-    return jnp.stack(terms)
-
-
 def _leading(low, high, along, ndim):
     """``(4,) + S``: per corner, ``high`` where ``along`` (the corners' pattern) holds.
 
@@ -306,8 +287,8 @@ def weights_tangent_leading(pts: Points, scale, d_y, d_x, d_scale) -> jax.Array:
     over a corner axis. ``pts`` must carry derivatives (``points(...,
     derivatives=True)``).
     """
-    return _leading_terms(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
-                          pts.ix_high, pts.nan, pts.d_fy * d_y, pts.d_fx * d_x, d_scale)
+    return jnp.stack(_corner_terms(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
+                                   pts.ix_high, pts.nan, pts.d_fy * d_y, pts.d_fx * d_x, d_scale))
 
 
 def weights_jvp(pts: Points, scale, d_y, d_x, d_scale):
