@@ -282,13 +282,8 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     shapes); with the coordinates computed inside that loop, from the
     offsets' ``(rows, G, K)`` layout, it stayed scalar.
     """
-    y, x, first_row, scale = sampling.fenced(functools.partial(_coordinates, spec),
-                                             origin, offset, mask)
-    pts = sampling.points(y, x, 0, size=spec.image_hw, mode="zeros", groups=spec.groups,
-                          first_row=first_row)
-    h, w = spec.image_hw
-    index, weights = sampling.corners_leading(pts, zero_row=spec.batch * h * w * spec.groups,
-                                              scale=scale)
+    coords = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
+    index, weights = _flat_corners(spec, *coords)
     cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 
@@ -313,6 +308,19 @@ def _coordinates(spec: Spec, origin, offset, mask):
     first_row = jnp.broadcast_to(origin[:, 0, None, None] * (h * w * groups) + group, dy.shape)
     scale = mask.astype(acc).reshape(-1) if spec.modulated else None
     return y.reshape(-1), x.reshape(-1), first_row.reshape(-1), scale
+
+
+def _flat_points(spec: Spec, y, x, first_row, *, derivatives=False) -> sampling.Points:
+    """``sampling.points`` of :func:`_coordinates`' flat coordinates."""
+    return sampling.points(y, x, 0, size=spec.image_hw, mode="zeros", groups=spec.groups,
+                           first_row=first_row, derivatives=derivatives)
+
+
+def _flat_corners(spec: Spec, y, x, first_row, scale):
+    """Index and weights ``(4, rows * G * K)`` of :func:`_coordinates`' flat coordinates."""
+    h, w = spec.image_hw
+    return sampling.corners_leading(_flat_points(spec, y, x, first_row),
+                                    zero_row=spec.batch * h * w * spec.groups, scale=scale)
 
 
 def _mask_rows(spec: Spec, mask):
@@ -455,18 +463,8 @@ def _tangent_points_flat(spec: Spec, has_points: bool, origin, offset, mask, d_o
     (``sampling.weights_tangent_leading``). Returned in the per-point layout
     (small transposes) for the gathers, the scatter and the batched product.
     """
-    h, w = spec.image_hw
-    zero_row = spec.batch * h * w * spec.groups
     coords = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
-
-    def points(y, x, first_row, *, derivatives=False):
-        return sampling.points(y, x, 0, size=spec.image_hw, mode="zeros", groups=spec.groups,
-                               first_row=first_row, derivatives=derivatives)
-
-    def corners(y, x, first_row, scale):
-        return sampling.corners_leading(points(y, x, first_row), zero_row=zero_row, scale=scale)
-
-    index, weights = sampling.fenced(corners, *coords)
+    index, weights = sampling.fenced(functools.partial(_flat_corners, spec), *coords)
     d_weights = None
     if has_points:
         y, x, first_row, scale = coords
@@ -478,7 +476,7 @@ def _tangent_points_flat(spec: Spec, has_points: bool, origin, offset, mask, d_o
             lambda offset, d_offset: tuple(d.reshape(-1) for d in _split(spec, d_offset)),
             offset, d_offset)
         d_scale = d_mask.reshape(-1) if spec.modulated else None
-        pts = points(y, x, first_row, derivatives=True)
+        pts = _flat_points(spec, y, x, first_row, derivatives=True)
         d_weights = sampling.weights_tangent_leading(pts, scale, d_y, d_x, d_scale).T
     shape = (offset.shape[0], spec.groups * spec.taps, 4)
     return (index.T.reshape(shape), weights.T.reshape(shape),
