@@ -464,12 +464,13 @@ def _weighted_rows(image, index, weights, form):
     return _rows_by_corner(image, index, weights, skip_zero_weights=form == "skip")
 
 
-def _rows_by_corner(image, index, weights, *, skip_zero_weights=False):
-    """:func:`_weighted_rows`, corner by corner."""
+def _rows_by_corner(image, index, weights, *, skip_zero_weights=False, corner_axis=-1):
+    """:func:`_weighted_rows`, corner by corner (the corner axis of ``index`` and ``weights``)."""
     out = None
     for corner in range(4):
-        rows = image.at[index[..., corner]].get(mode="promise_in_bounds").astype(weights.dtype)
-        weight = weights[..., corner, None]
+        rows = image.at[lax.index_in_dim(index, corner, corner_axis, keepdims=False)].get(
+            mode="promise_in_bounds", wrap_negative_indices=False).astype(weights.dtype)
+        weight = lax.index_in_dim(weights, corner, corner_axis, keepdims=False)[..., None]
         if skip_zero_weights:
             rows = jnp.where(_reads(weight), rows, 0)
         term = weight * rows
@@ -523,7 +524,11 @@ def _guarded_rows(image, index, weights, guard, form):
     weights. The predicate always holds (``locate`` never yields a negative
     row; the other branch would clamp), see :func:`bounds_guard`.
     """
-    rows = functools.partial(_weighted_rows, form=form)
+    return _guarded(functools.partial(_weighted_rows, form=form), image, index, weights, guard)
+
+
+def _guarded(rows, image, index, weights, guard):
+    """``rows(image, index, weights)`` as the branch of :func:`_guarded_rows`' conditional."""
     return lax.cond(
         guard,
         rows,
@@ -682,14 +687,5 @@ def gather_leading(image: jax.Array, index: jax.Array, weights: jax.Array, *,
     ``custom_jvp``'s primal. Values and derivatives: :func:`gather`.
     """
     index = jnp.where(_reads(weights), index, image.shape[0] - 1)
-    def rows(image, index, weights):
-        out = None
-        for corner in range(4):
-            pixels = image.at[index[corner]].get(mode="promise_in_bounds",
-                                                 wrap_negative_indices=False)
-            term = weights[corner][..., None] * pixels.astype(weights.dtype)
-            out = term if out is None else out + term
-        return out
-
-    return lax.cond(guard, rows, lambda image, index, weights: rows(
-        image, jnp.maximum(index, 0), weights), image, index, weights)
+    return _guarded(functools.partial(_rows_by_corner, corner_axis=0), image, index, weights,
+                    guard)
