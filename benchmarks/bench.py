@@ -76,6 +76,32 @@ SHAPES = {
 DEFAULT_SHAPES = [name for name in SHAPES if name != "large"]
 
 
+def cpu_model() -> str:
+    """The CPU's model, family and L2 size where Linux says (``/proc/cpuinfo``, sysfs).
+
+    ``platform.processor()`` says only "x86_64" on Linux, and two "AMD EPYC"
+    machines of this project, Zen generations apart, differed 3-5x in
+    lax.conv's time: a result names the CPU it came from.
+    """
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            model += f", L2 {f.read().strip()} per core"
+    except OSError:
+        pass
+    return model
+
+
 def machine(with_torch: bool) -> dict:
     """What a result was measured on: jax and its device, the CPU, torch if it was timed."""
     device = jax.devices()[0]
@@ -84,6 +110,7 @@ def machine(with_torch: bool) -> dict:
         "device": f"{device.platform} {device.device_kind}",
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "torch": torch.__version__ if with_torch else None,
         "torchvision": torchvision.__version__ if with_torch else None,
     }
@@ -266,7 +293,8 @@ def main(argv=None):
         "repeats": repeats,
         "conv": {},
     }
-    print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores; "
+    print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores "
+          f"({report['machine']['cpu']}); "
           f"torchvision: {report['machine']['torchvision'] or 'not installed'}; "
           f"medians of {repeats} interleaved runs, milliseconds\n")
     header = (f"{'shape':<13}{'dj fwd':>9}{'conv fwd':>10}{'ratio':>7}{'dj f+b':>9}{'conv f+b':>10}"

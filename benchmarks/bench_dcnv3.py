@@ -37,7 +37,7 @@ from jax import lax
 from deformjax import dcnv3
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench import interleaved, torch  # noqa: E402  (one timing discipline, torch optional)
+from bench import cpu_model, interleaved, torch  # noqa: E402  (one timing discipline, torch optional)
 
 if torch is not None:
     import torchvision
@@ -157,10 +157,11 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     repeats = 5 if opts.quick else 20
     with_torch = torch is not None and not opts.no_torch
-    report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    report = {"machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+              "cpus": os.cpu_count(),
               "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
               "repeats": repeats, "results": {}}
-    print(f"{report['device']}, {report['cpus']} CPUs, jax {jax.__version__}, "
+    print(f"{report['device']}, {report['cpus']} CPUs ({report['cpu']}), jax {jax.__version__}, "
           f"medians of {repeats}, ms; torchvision: {'yes' if with_torch else 'no'}")
     print(f"{'stage':<8}{'dj fwd':>9}{'dw conv':>9}{'ratio':>7}{'dj f+b':>9}{'dw conv':>9}"
           f"{'ratio':>7}{'tv fwd':>9}{'tv f+b':>9}{'x tv':>6}{'temps f/fb MiB':>16}")

@@ -228,7 +228,8 @@ def main(argv=None):
         "torch_device": ("cuda" if on_cuda else "cpu") if with_torch else None,
         "cases": {},
     }
-    print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores; "
+    print(f"jax {jax.__version__} on {report['machine']['device']}, {os.cpu_count()} cores "
+          f"({report['machine']['cpu']}); "
           f"torchvision: {report['machine']['torchvision'] or 'not installed'}"
           f"{' (cuda)' if on_cuda else ''}; "
           f"medians, milliseconds; temporaries in MiB\n")
