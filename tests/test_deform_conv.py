@@ -210,6 +210,26 @@ def test_dtypes(rng):
         assert deform_conv(**mixed, padding=1).dtype == jnp.float64
 
 
+def test_derivative_chunks_grow_with_the_layer_within_bounds():
+    """A derivative chunk holds 1/48 of the layer's im2col columns, within its
+    smallest and largest size, and is a divisor of the rows where one of at
+    least half the size exists (benchmarks/bench.py shapes: rows, K * C_in * 4)."""
+    from deformjax._src import sampled_matmul
+
+    smallest, largest = sampled_matmul._TANGENT_CHUNK_BYTES["cpu"]
+    share = sampled_matmul._TANGENT_SHARE
+    for rows, row_bytes in ((4096, 9 * 128 * 4), (32768, 9 * 64 * 4), (33600, 9 * 128 * 4),
+                            (16384, 9 * 64 * 4), (8400, 9 * 256 * 4)):
+        chunk = sampled_matmul.chunk_rows(rows, row_bytes, tangent=True)
+        budget = min(max(smallest, rows * row_bytes // share), largest)
+        assert rows % chunk == 0 and chunk * row_bytes <= budget < 2 * chunk * row_bytes
+    # shape A (18.9 MB of columns) keeps the smallest chunks, CenterNet's 75.5 MB
+    # get twice as many rows per chunk, R50 c3's 155 MB the largest
+    assert sampled_matmul.chunk_rows(4096, 9 * 128 * 4, tangent=True) == 128
+    assert sampled_matmul.chunk_rows(32768, 9 * 64 * 4, tangent=True) == 512
+    assert sampled_matmul.chunk_rows(33600, 9 * 128 * 4, tangent=True) * 9 * 128 * 4 > smallest
+
+
 def test_chunked_paths_match_one_chunk(rng, monkeypatch):
     """The row-chunked primal and derivative paths equal the single-chunk ones, to order 2.
 
@@ -227,7 +247,7 @@ def test_chunked_paths_match_one_chunk(rng, monkeypatch):
 
     one_out, one_grads = fn(*args), grads(*args)
     monkeypatch.setitem(sampled_matmul._PRIMAL_CHUNK_BYTES, "cpu", 6 * 144)
-    monkeypatch.setitem(sampled_matmul._TANGENT_CHUNK_BYTES, "cpu", 4 * 144)
+    monkeypatch.setitem(sampled_matmul._TANGENT_CHUNK_BYTES, "cpu", (4 * 144, 4 * 144))
     jax.clear_caches()
     try:
         row_bytes = 9 * 2 * 8  # K * C_in * float64

@@ -88,31 +88,42 @@ class Spec(NamedTuple):
 # this size keep a chunk's working set (columns, corner rows, points) within a
 # CPU's L2 + L3 share and its temporaries a small fraction of the im2col matrix
 # at every benchmarked shape (benchmarks/bench.py); derivative chunks hold the
-# four corners' rows and their scatter besides, so they are smaller: 1 MiB ones
-# were ~5% faster than 0.5 MiB ones (fewer loop steps, each with a fixed cost)
-# and keep forward+backward temporaries <= 0.53x im2col there, where 2 MiB ones
-# reach 0.69x. Accelerators get one chunk.
+# four corners' rows and their scatter besides (about 5x a chunk's columns in
+# temporaries), so they are smaller: 1/48 of the layer's im2col matrix, within
+# (smallest, largest) bytes. Bigger chunks make bigger matrix products, which
+# run faster (CenterNet's 2x128x128, 64->64, forward+backward 11% faster with
+# 512-row chunks than with 256, on a Zen 5 EPYC; 1 MiB chunks were ~5% faster
+# than 0.5 MiB ones on the earlier EPYC); the share keeps the temporaries a
+# fraction of the im2col matrix (shape A with 2 MiB chunks: 0.69x, with 1 MiB:
+# 0.53x; EDVR with 2 MiB ones 0.56x instead of 0.40x, for 5-10% less time).
+# Accelerators get one chunk.
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.
 _PRIMAL_CHUNK_BYTES = {"cpu": 2**21}
-_TANGENT_CHUNK_BYTES = {"cpu": 2**20}
+_TANGENT_CHUNK_BYTES = {"cpu": (2**20, 2**21)}  # (smallest, largest)
+_TANGENT_SHARE = 48  # a derivative chunk's columns: at most 1/48 of the im2col matrix
 
 
 def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
     """Rows per chunk on the CPU; None for one chunk.
 
-    At most the rows of the chunk size in bytes; a divisor of ``rows`` where
+    At most the rows of the chunk size in bytes (a derivative's: 1/48 of the
+    layer's columns, ``rows * row_bytes``, within its smallest and largest
+    size); a divisor of ``rows`` where
     one of at least half that size exists (chunks of a derivative then need no
     padded copies of the offsets, the mask, their tangents and cotangents),
     else evened out over the chunks. A symbolic row count (``jax.export`` with
     a symbolic batch or image size) gets one chunk: the number of chunks must
     be static.
     """
-    table = _TANGENT_CHUNK_BYTES if tangent else _PRIMAL_CHUNK_BYTES
     if not isinstance(rows, int) or rows <= 1:
         return None
-    target = max(1, table["cpu"] // row_bytes)
+    budget = _PRIMAL_CHUNK_BYTES["cpu"]
+    if tangent:
+        smallest, largest = _TANGENT_CHUNK_BYTES["cpu"]
+        budget = min(max(smallest, rows * row_bytes // _TANGENT_SHARE), largest)
+    target = max(1, budget // row_bytes)
     if rows <= target:
         return None
     divisor = max(d for d in _divisors(rows) if d <= target)
