@@ -57,7 +57,7 @@ def policy(name: str):
             sampling.fenced = lambda fn, *operands: fn(*operands)
         elif name.startswith("tangent_chunks_"):
             mib = int(name.removeprefix("tangent_chunks_").removesuffix("MiB"))
-            sampled_matmul._PRIMAL_CHUNK_BYTES["cpu"] = 2**62  # the forward: one chunk
+            sampled_matmul._PRIMAL_CHUNK_BYTES["cpu"] = (2**62, 2**62)  # the forward: one chunk
             sampled_matmul._TANGENT_CHUNK_BYTES["cpu"] = (mib * 2**20, mib * 2**20)
             sampled_matmul.per_platform = lambda fn, chunk, *operands: fn(chunk, *operands)
         elif name == "cpu_layout":

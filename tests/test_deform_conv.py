@@ -230,6 +230,31 @@ def test_derivative_chunks_grow_with_the_layer_within_bounds():
     assert sampled_matmul.chunk_rows(33600, 9 * 128 * 4, tangent=True) * 9 * 128 * 4 > smallest
 
 
+def test_forward_chunks_grow_with_the_layer_within_bounds():
+    """A forward chunk's columns and per-point arrays (``point_bytes`` per row)
+    are at most 1/16 of the layer's im2col columns, within the chunk's smallest
+    and largest size in columns (benchmarks/bench.py shapes)."""
+    from deformjax._src import sampled_matmul
+
+    smallest, largest = sampled_matmul._PRIMAL_CHUNK_BYTES["cpu"]
+    share = sampled_matmul._PRIMAL_SHARE
+    shapes = {"A": (4096, 128, 1), "centernet": (32768, 64, 1), "r50_c3": (33600, 128, 1),
+              "r50_c4": (8400, 256, 4), "edvr": (16384, 64, 8), "depthwise": (25088, 64, 4)}
+    chunks = {}
+    for name, (rows, c_in, groups) in shapes.items():
+        row_bytes, point_bytes = 9 * c_in * 4, 9 * groups * 48
+        chunk = chunks[name] = sampled_matmul.chunk_rows(rows, row_bytes, tangent=False,
+                                                         point_bytes=point_bytes)
+        target = min(max(smallest // row_bytes,
+                         rows * row_bytes // (share * (row_bytes + point_bytes))),
+                     largest // row_bytes)
+        assert rows % chunk == 0 and chunk <= target < 2 * chunk, name
+    # the small layers keep the smallest chunks (2 MiB of columns); CenterNet's
+    # 75.5 MB of columns get twice their rows, R50 c3's the largest chunks
+    assert chunks["A"] == 256 and chunks["edvr"] == 512 and chunks["depthwise"] == 896
+    assert chunks["centernet"] == 1024 and chunks["r50_c3"] * 9 * 128 * 4 > 3 * smallest
+
+
 def test_chunked_paths_match_one_chunk(rng, monkeypatch):
     """The row-chunked primal and derivative paths equal the single-chunk ones, to order 2.
 
@@ -246,7 +271,7 @@ def test_chunked_paths_match_one_chunk(rng, monkeypatch):
         return jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2, 3, 4))(*args)
 
     one_out, one_grads = fn(*args), grads(*args)
-    monkeypatch.setitem(sampled_matmul._PRIMAL_CHUNK_BYTES, "cpu", 6 * 144)
+    monkeypatch.setitem(sampled_matmul._PRIMAL_CHUNK_BYTES, "cpu", (6 * 144, 6 * 144))
     monkeypatch.setitem(sampled_matmul._TANGENT_CHUNK_BYTES, "cpu", (4 * 144, 4 * 144))
     jax.clear_caches()
     try:

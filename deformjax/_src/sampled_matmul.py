@@ -84,33 +84,44 @@ class Spec(NamedTuple):
         return self.batch * self.out_hw[0] * self.out_hw[1]
 
 
-# Bytes of columns (one chunk's im2col rows) per chunk on the CPU. Chunks of
-# this size keep a chunk's working set (columns, corner rows, points) within a
-# CPU's L2 + L3 share and its temporaries a small fraction of the im2col matrix
-# at every benchmarked shape (benchmarks/bench.py); derivative chunks hold the
-# four corners' rows and their scatter besides (about 5x a chunk's columns in
-# temporaries), so they are smaller: 1/48 of the layer's im2col matrix, within
-# (smallest, largest) bytes. Bigger chunks make bigger matrix products, which
-# run faster (CenterNet's 2x128x128, 64->64, forward+backward 11% faster with
-# 512-row chunks than with 256, on a Zen 5 EPYC; 1 MiB chunks were ~5% faster
-# than 0.5 MiB ones on the earlier EPYC); the share keeps the temporaries a
-# fraction of the im2col matrix (shape A with 2 MiB chunks: 0.69x, with 1 MiB:
-# 0.53x; EDVR with 2 MiB ones 0.56x instead of 0.40x, for 5-10% less time).
+# Chunks on the CPU, in bytes of columns (a chunk's im2col rows), grow with
+# the layer: bigger chunks make bigger matrix products, which run faster, and
+# fewer loop steps, each with a fixed cost; a share of the layer's im2col
+# matrix keeps their temporaries a fraction of it. Measured (benchmarks/
+# bench.py shapes; interleaved A/B runs, docs/performance.md):
+# - forward: a chunk's columns plus its per-point index, weights and
+#   coordinates (``point_bytes`` per row: as many bytes as the columns with
+#   8-channel offset groups) at most 1/16 of the im2col matrix, within 2-8 MiB
+#   of columns. On a Zen 5 EPYC 1024-row chunks made CenterNet's forward 6-8%
+#   faster than 512-row ones, 420-row chunks R50 c4's 8-9%, 1680-row chunks
+#   R50 c3's 2-6%; forward temporaries stay <= 0.23x im2col (2048-row chunks:
+#   CenterNet -15% at 0.19x, but EDVR at 1024 rows 0.25x and the depthwise
+#   layer at 1792 rows 0.26x, so the share counts the per-point arrays).
+# - derivatives: chunks hold the four corners' rows and their scatter besides
+#   (about 5x a chunk's columns in temporaries), so they are smaller: 1/48 of
+#   the im2col matrix, within 1-2 MiB. CenterNet's forward+backward was 11%
+#   faster with 512-row chunks than with 256 on the Zen 5 EPYC (1 MiB chunks
+#   were ~5% faster than 0.5 MiB ones on the earlier EPYC); 2 MiB chunks
+#   everywhere took shape A's forward+backward temporaries to 0.69x im2col
+#   (0.53x with 1 MiB) and EDVR's to 0.56x (0.40x), for 5-10% less time.
 # Accelerators get one chunk.
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.
-_PRIMAL_CHUNK_BYTES = {"cpu": 2**21}
+_PRIMAL_CHUNK_BYTES = {"cpu": (2**21, 2**23)}  # (smallest, largest)
+_PRIMAL_SHARE = 16  # a forward chunk's columns and points: at most 1/16 of the im2col matrix
 _TANGENT_CHUNK_BYTES = {"cpu": (2**20, 2**21)}  # (smallest, largest)
 _TANGENT_SHARE = 48  # a derivative chunk's columns: at most 1/48 of the im2col matrix
 
 
-def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
+def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool, point_bytes: int = 0) -> int | None:
     """Rows per chunk on the CPU; None for one chunk.
 
-    At most the rows of the chunk size in bytes (a derivative's: 1/48 of the
-    layer's columns, ``rows * row_bytes``, within its smallest and largest
-    size); a divisor of ``rows`` where
+    At most the rows of the chunk size: a forward chunk's ``row_bytes +
+    point_bytes`` per row (its columns and per-point arrays) at most 1/16 of
+    the layer's columns ``rows * row_bytes``, a derivative chunk's columns at
+    most 1/48 of them, each within its smallest and largest size in bytes of
+    columns; a divisor of ``rows`` where
     one of at least half that size exists (chunks of a derivative then need no
     padded copies of the offsets, the mask, their tangents and cotangents),
     else evened out over the chunks. A symbolic row count (``jax.export`` with
@@ -119,11 +130,15 @@ def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool) -> int | None:
     """
     if not isinstance(rows, int) or rows <= 1:
         return None
-    budget = _PRIMAL_CHUNK_BYTES["cpu"]
     if tangent:
         smallest, largest = _TANGENT_CHUNK_BYTES["cpu"]
-        budget = min(max(smallest, rows * row_bytes // _TANGENT_SHARE), largest)
-    target = max(1, budget // row_bytes)
+        target = min(max(smallest, rows * row_bytes // _TANGENT_SHARE), largest) // row_bytes
+    else:
+        smallest, largest = _PRIMAL_CHUNK_BYTES["cpu"]
+        work = row_bytes + point_bytes
+        target = min(max(smallest // row_bytes, rows * row_bytes // (_PRIMAL_SHARE * work)),
+                     largest // row_bytes)
+    target = max(1, target)
     if rows <= target:
         return None
     divisor = max(d for d in _divisors(rows) if d <= target)

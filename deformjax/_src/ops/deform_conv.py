@@ -107,6 +107,10 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     fg = feature_group_count
     m = n * ho * wo
     row_bytes = taps * c_in * jnp.dtype(acc).itemsize
+    # per output row, the forward's per-point arrays: int32 index and weights
+    # of 4 corners, and the flat coordinates (y, x, the image's first row, the mask)
+    point_bytes = taps * groups * (4 * 4 + 4 * jnp.dtype(acc).itemsize + 4
+                                   + 3 * jnp.dtype(acc).itemsize)
     spec = sampled_matmul.Spec(
         batch=n,
         image_hw=(h, w),
@@ -123,7 +127,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
         dtype=jnp.dtype(dtype),
         acc_dtype=jnp.dtype(acc),
         precision=precision,
-        chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=False),
+        chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=False, point_bytes=point_bytes),
         tangent_chunk=sampled_matmul.chunk_rows(m, row_bytes, tangent=True),
     )
     out = sampled_matmul.deform_matmul(
