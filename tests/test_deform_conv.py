@@ -255,6 +255,30 @@ def test_forward_chunks_grow_with_the_layer_within_bounds():
     assert chunks["centernet"] == 1024 and chunks["r50_c3"] * 9 * 128 * 4 > 3 * smallest
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 64, 64, 8), (2, 128, 128, 64, 1)],
+                         ids=["edvr_g8", "centernet"])
+def test_temporaries_stay_a_fraction_of_im2col(shape):
+    """The chunk rules' promise (compiled, not run): forward temporaries at most
+    0.25x and forward+backward at most 0.6x the im2col bytes N*H*W*9*C_in*4, at
+    the benchmark shapes with the most per-point data (EDVR: 8 channels per
+    offset group) and the largest chunks of the two (CenterNet)."""
+    n, h, w, c, groups = shape
+    x = jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)
+    offset = jax.ShapeDtypeStruct((n, h, w, 2 * groups * 9), jnp.float32)
+    mask = jax.ShapeDtypeStruct((n, h, w, groups * 9), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, c, c), jnp.float32)
+
+    def layer(x, offset, mask, kernel):
+        return deform_conv(x, offset, kernel, mask, padding=1)
+
+    def temps(fn):
+        compiled = jax.jit(fn).lower(x, offset, mask, kernel).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / (n * h * w * 9 * c * 4)
+
+    assert temps(layer) <= 0.25
+    assert temps(jax.grad(lambda *a: (layer(*a) ** 2).sum(), argnums=(0, 1, 2, 3))) <= 0.6
+
+
 def test_chunked_paths_match_one_chunk(rng, monkeypatch):
     """The row-chunked primal and derivative paths equal the single-chunk ones, to order 2.
 
