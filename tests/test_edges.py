@@ -455,29 +455,37 @@ def test_cpu_sampler_layout_has_the_accelerators_derivatives(rng, monkeypatch):
     assert np.isinf(flat[0]).any() and np.isnan(flat[0]).any()
 
 
-def test_corner_leading_gather_has_the_gathers_values(rng):
-    """sampling.corners_leading + gather_leading (the CPU forward's sampler) give gather's
-    values: out of the image, at integer coordinates next to the border, with NaN points, an
-    infinite pixel read with weight 0 (0) or not (inf), a zero and a NaN scale."""
+@pytest.mark.parametrize("row0", ["finite", "infinite"])
+def test_corner_leading_gather_has_the_gathers_values(rng, row0):
+    """sampling.corners_leading + gather_leading (the CPU forward's sampler, on the image
+    without a zero row) give gather's values: out of the image, at integer coordinates next to
+    the border, with NaN points, an infinite pixel read with weight 0 (0) or not (inf), a zero,
+    an infinite and a NaN scale; with a finite row 0 (where corners that read nothing are sent: the fast
+    branch) and an infinite one (the branch that masks their rows)."""
     from deformjax._src import sampling
 
     h, w, c = 5, 6, 3
     image = rng.normal(size=(h * w, c))
     image[7] = np.inf  # pixel (1, 1)
+    if row0 == "infinite":
+        image[0] = -np.inf  # pixel (0, 0)
+    assert bool(sampling.first_row_finite(jnp.asarray(image))) == (row0 == "finite")
     image = sampling.with_zero_row(jnp.asarray(image))
     y = np.array([0.5, -1.0, -0.5, 4.0, 4.5, 1.0, 1.0, 0.3, np.nan, 2.2, 1.0, 30.0, 2.7, 1.5])
     x = np.array([0.5, 2.0, 5.2, 3.0, 1.0, 1.0, 0.0, 1.0, 1.0, np.nan, 2.0, 1.0, -0.9, 3.5])
     scale = rng.uniform(0.5, 1.0, size=y.shape)
-    scale[10], scale[13] = 0, np.nan  # pixel (1, 2) with scale 0; a NaN scale
+    scale[0], scale[10], scale[13] = np.inf, 0, np.nan  # inf; pixel (1, 2) with scale 0; NaN
     pts = sampling.points(jnp.asarray(y), jnp.asarray(x), 0, size=(h, w), mode="zeros")
     index, weights = sampling.corners(pts, zero_row=h * w, scale=jnp.asarray(scale))
     expected = sampling.gather(image, index, weights)
     index, weights = sampling.corners_leading(pts, zero_row=h * w, scale=jnp.asarray(scale))
     assert index.shape == weights.shape == (4,) + y.shape
-    out = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
+    # gather_leading samples the image without its zero row
+    out = sampling.gather_leading(image[:-1], index, weights, guard=sampling.bounds_guard(index))
     np.testing.assert_array_equal(out, expected)
     assert np.isinf(out[5]).all() and np.isfinite(out[6]).all()  # (1, 1) itself; (1, 0)
     assert np.isnan(out[8]).all() and np.isnan(out[13]).all() and (out[11] == 0).all()
+    assert np.isnan(out[0]).all()  # an infinite scale: every corner's weight * 0
 
     def weights(layout, y, x, scale):  # the weights' derivatives, corner axis last
         pts = sampling.points(y, x, 0, size=(h, w), mode="zeros")

@@ -91,12 +91,14 @@ class Spec(NamedTuple):
 # bench.py shapes; interleaved A/B runs, docs/performance.md):
 # - forward: a chunk's columns plus its per-point index, weights and
 #   coordinates (``point_bytes`` per row: as many bytes as the columns with
-#   8-channel offset groups) at most 1/16 of the im2col matrix, within 2-8 MiB
-#   of columns. On a Zen 5 EPYC 1024-row chunks made CenterNet's forward 6-8%
-#   faster than 512-row ones, 420-row chunks R50 c4's 8-9%, 1680-row chunks
-#   R50 c3's 2-6%; forward temporaries stay <= 0.23x im2col (2048-row chunks:
-#   CenterNet -15% at 0.19x, but EDVR at 1024 rows 0.25x and the depthwise
-#   layer at 1792 rows 0.26x, so the share counts the per-point arrays).
+#   8-channel offset groups) at most 1/8 of the im2col matrix, within 4-8 MiB
+#   of columns. The forward samples the input without a zero row appended
+#   (``sampling.gather_leading``), so its temporaries are the chunk's. On a
+#   Zen 5 EPYC, against 2 MiB chunks and the image copied with a zero row
+#   (interleaved A/B, two runs): shape A -6%, EDVR -6%, CenterNet -8..-9%, the
+#   depthwise layer -8%, R50 c4 -5%, R50 c3 -3..-7%, forward temporaries <=
+#   0.17x im2col (from <= 0.23x). Bigger chunks are faster still, but their
+#   temporaries grow with the per-point arrays, hence counted.
 # - derivatives: chunks hold the four corners' rows and their scatter besides
 #   (about 5x a chunk's columns in temporaries), so they are smaller: 1/48 of
 #   the im2col matrix, within 1-2 MiB. CenterNet's forward+backward was 11%
@@ -108,8 +110,8 @@ class Spec(NamedTuple):
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.
-_PRIMAL_CHUNK_BYTES = {"cpu": (2**21, 2**23)}  # (smallest, largest)
-_PRIMAL_SHARE = 16  # a forward chunk's columns and points: at most 1/16 of the im2col matrix
+_PRIMAL_CHUNK_BYTES = {"cpu": (2**22, 2**23)}  # (smallest, largest)
+_PRIMAL_SHARE = 8  # a forward chunk's columns and points: at most 1/8 of the im2col matrix
 _TANGENT_CHUNK_BYTES = {"cpu": (2**20, 2**21)}  # (smallest, largest)
 _TANGENT_SHARE = 48  # a derivative chunk's columns: at most 1/48 of the im2col matrix
 
@@ -118,7 +120,7 @@ def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool, point_bytes: int = 0
     """Rows per chunk on the CPU; None for one chunk.
 
     At most the rows of the chunk size: a forward chunk's ``row_bytes +
-    point_bytes`` per row (its columns and per-point arrays) at most 1/16 of
+    point_bytes`` per row (its columns and per-point arrays) at most 1/8 of
     the layer's columns ``rows * row_bytes``, a derivative chunk's columns at
     most 1/48 of them, each within its smallest and largest size in bytes of
     columns; a divisor of ``rows`` where
@@ -291,10 +293,14 @@ def _rows(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
 
 
 def _rows_by_point(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
-    """:func:`_rows` from :func:`locate`'s ``(rows, G, K, 4)`` index and weights."""
+    """:func:`_rows` from :func:`locate`'s ``(rows, G, K, 4)`` index and weights.
+
+    ``image`` without its zero row, which is appended here (one chunk: once).
+    """
     index, weights, _, _ = locate(spec, origin, offset, mask, fence=False)
     index, weights = _flat(index), _flat(weights)
-    cols = sampling.gather(image, index, weights, guard=sampling.bounds_guard(index))
+    cols = sampling.gather(sampling.with_zero_row(image), index, weights,
+                           guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 
 
@@ -360,8 +366,11 @@ def deform_matmul(spec: Spec, image, offset, mask, kmat) -> jax.Array:
 
     Args:
       spec: static shapes and settings.
-      image: ``(N * H * W * G + 1, C_in / G)``, the input as rows of channel
-        blocks, then the zero row (``sampling.with_zero_row``).
+      image: ``(N * H * W * G, C_in / G)``, the input as rows of channel
+        blocks. The forward samples it as it is (on a CPU,
+        ``sampling.gather_leading``: a corner that reads nothing reads row 0
+        and counts as 0); the derivatives append the zero row once
+        (``sampling.with_zero_row``), for their gathers and the scatter.
       offset: ``(M, G * K * 2)`` with ``M = N * H_out * W_out`` rows.
       mask: ``(M, G * K)``; ignored (any array) when not ``spec.modulated``.
       kmat: ``(K, C_in / F, F, C_out / F)`` kernel.
@@ -397,6 +406,10 @@ def _deform_matmul_jvp(spec, primals, tangents):
     mask = _mask_rows(spec, mask)
     zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
     has_image, has_kmat = not zero(d_image), not zero(d_kmat)
+    # the derivatives' gathers and the image cotangent's scatter read the zero row
+    image = sampling.with_zero_row(image)
+    if has_image:
+        d_image = sampling.with_zero_row(d_image)
     has_points = not zero(d_offset) or (spec.modulated and not zero(d_mask))
     if not (has_image or has_points or has_kmat):
         return out, jnp.zeros_like(out)

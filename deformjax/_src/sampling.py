@@ -679,13 +679,52 @@ def gather_leading(image: jax.Array, index: jax.Array, weights: jax.Array, *,
 
     ``S + (C,)``: ``sum_q weights[q] * image[index[q]]``, behind the bounds
     guard (see ``_guarded_rows``; ``guard`` is :func:`bounds_guard` of
-    ``index``). A corner whose weight is 0 or not finite reads the zero row
-    (the last), chosen by its index before the guard, so that the gather
-    needs no mask per channel. That choice depends on the weights' values, so
-    it has no derivative with respect to them (at an integer coordinate the
-    far corner has weight 0 but not derivative 0): for values only, e.g. a
-    ``custom_jvp``'s primal. Values and derivatives: :func:`gather`.
+    ``index``), from an ``image`` of ``(rows, C)`` *without* the zero row
+    (at least one row where any point is sampled): no copy of the image with
+    a zero row appended. A corner whose weight is 0 or not finite reads row 0
+    instead, with its weight times 0 (0, or NaN for a NaN or infinite weight:
+    :func:`gather`'s ``weight * 0``), chosen by its index before the guard,
+    so that the gather needs no mask per channel; that is exact where row 0
+    is finite, which the guard's conditional checks (:func:`first_row_finite`),
+    its other branch masking those corners' rows instead. The choice depends
+    on the weights' values, so it has no derivative with respect to them (at
+    an integer coordinate the far corner has weight 0 but not derivative 0):
+    for values only, e.g. a ``custom_jvp``'s primal. Values and derivatives:
+    :func:`gather`.
     """
-    index = jnp.where(_reads(weights), index, image.shape[0] - 1)
-    return _guarded(functools.partial(_rows_by_corner, corner_axis=0), image, index, weights,
-                    guard)
+    reads = _reads(weights)
+    index = jnp.where(reads, index, 0)
+    weights = jnp.where(reads, weights, weights * 0)
+    rows = functools.partial(_rows_by_corner, corner_axis=0)
+    return lax.cond(
+        guard & first_row_finite(image),
+        rows,
+        lambda image, index, weights: rows(image, jnp.maximum(index, 0), weights,
+                                           skip_zero_weights=True),
+        image,
+        index,
+        weights,
+    )
+
+
+@jax.custom_batching.custom_vmap
+def first_row_finite(image: jax.Array) -> jax.Array:
+    """Is every entry of ``image``'s row 0 finite? (:func:`gather_leading`'s fast branch.)
+
+    A ``custom_vmap``, so that under ``vmap`` it stays one scalar (every batch
+    member's row 0) and the conditional stays a conditional (see
+    :func:`bounds_guard`).
+    """
+    return _row0_finite(image)
+
+
+def _row0_finite(image: jax.Array) -> jax.Array:
+    if image.shape[-2] == 0:  # nothing is read
+        return jnp.asarray(True)
+    return jnp.isfinite(image[..., 0, :]).all()
+
+
+@first_row_finite.def_vmap
+def _first_row_finite_vmap(axis_size, in_batched, image):
+    del axis_size
+    return _row0_finite(image), False

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deformjax._src import args, geometry, sampled_matmul, sampling
+from deformjax._src import args, geometry, sampled_matmul
 
 _FN = "deform_conv"
 
@@ -132,7 +132,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
     )
     out = sampled_matmul.deform_matmul(
         spec,
-        sampling.with_zero_row(x.astype(dtype).reshape(n * h * w * groups, c_in // groups)),
+        x.astype(dtype).reshape(n * h * w * groups, c_in // groups),
         offset.reshape(m, groups * taps * 2),
         jnp.zeros((m, 0), acc) if mask is None else mask.reshape(m, groups * taps),
         kernel.astype(dtype).reshape(taps, c_in // fg, fg, c_out // fg),
