@@ -28,7 +28,10 @@ the expensive one stays simple:
    give it a nonzero weight (``0 * inf`` never happens) and a NaN weight sends
    no gradient into the image. Its derivative with respect to the weights
    still reads the real pixel: at an integer coordinate the weight of the far
-   corner is 0 but its derivative is not.
+   corner is 0 but its derivative is not. (Values only, on an image without
+   the zero row: :func:`gather_leading`, the CPU forward of ``deform_conv``,
+   sends such corners to row 0 with their weight times 0, so that no copy of
+   the image with a zero row is made.)
 
 Gradients are those of the plain formula ``sum_q w_q * image[row_q]``. The rows
 are piecewise constant, so the derivative with respect to a coordinate is that
