@@ -530,12 +530,16 @@ def _guarded_rows(image, index, weights, guard, form):
     return _guarded(functools.partial(_weighted_rows, form=form), image, index, weights, guard)
 
 
-def _guarded(rows, image, index, weights, guard):
-    """``rows(image, index, weights)`` as the branch of :func:`_guarded_rows`' conditional."""
+def _guarded(rows, image, index, weights, guard, safe=None):
+    """``rows(image, index, weights)`` as the branch of :func:`_guarded_rows`' conditional.
+
+    The other branch is ``safe`` (default ``rows``) on the index clamped at 0.
+    """
+    safe = rows if safe is None else safe
     return lax.cond(
         guard,
         rows,
-        lambda image, index, weights: rows(image, jnp.maximum(index, 0), weights),
+        lambda image, index, weights: safe(image, jnp.maximum(index, 0), weights),
         image,
         index,
         weights,
@@ -699,15 +703,8 @@ def gather_leading(image: jax.Array, index: jax.Array, weights: jax.Array, *,
     index = jnp.where(reads, index, 0)
     weights = jnp.where(reads, weights, weights * 0)
     rows = functools.partial(_rows_by_corner, corner_axis=0)
-    return lax.cond(
-        guard & first_row_finite(image),
-        rows,
-        lambda image, index, weights: rows(image, jnp.maximum(index, 0), weights,
-                                           skip_zero_weights=True),
-        image,
-        index,
-        weights,
-    )
+    return _guarded(rows, image, index, weights, guard & first_row_finite(image),
+                    safe=functools.partial(rows, skip_zero_weights=True))
 
 
 @jax.custom_batching.custom_vmap
