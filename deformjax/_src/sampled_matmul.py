@@ -91,14 +91,20 @@ class Spec(NamedTuple):
 # bench.py shapes; interleaved A/B runs, docs/performance.md):
 # - forward: a chunk's columns plus its per-point index, weights and
 #   coordinates (``point_bytes`` per row: as many bytes as the columns with
-#   8-channel offset groups) at most 1/8 of the im2col matrix, within 4-8 MiB
-#   of columns. The forward samples the input without a zero row appended
+#   8-channel offset groups) at most 1/6 of the im2col matrix, within 4-10
+#   MiB of columns. The forward samples the input without a zero row appended
 #   (``sampling.gather_leading``), so its temporaries are the chunk's. On a
 #   Zen 5 EPYC, against 2 MiB chunks and the image copied with a zero row
 #   (interleaved A/B, two runs): shape A -6%, EDVR -6%, CenterNet -8..-9%, the
 #   depthwise layer -8%, R50 c4 -5%, R50 c3 -3..-7%, forward temporaries <=
-#   0.17x im2col (from <= 0.23x). Bigger chunks are faster still, but their
-#   temporaries grow with the per-point arrays, hence counted.
+#   0.17x im2col (from <= 0.23x). Then 1/6 and 10 MiB instead of 1/8 and 8
+#   MiB: CenterNet's chunks 2048 -> 4096 rows (forward -6..-7%, twice; with
+#   the machine in its one-core state, docs/performance.md, -17..-20%), R50
+#   c4's 840 -> 1050 (-2..-4%), R50 c3's 1680 -> 2240 (-1%), the rest as
+#   they were; forward temporaries <= 0.20x. Bigger chunks are faster still
+#   at CenterNet (8192 rows), but their temporaries grow with the per-point
+#   arrays, hence counted, and R50 c3's 15.5 MB chunks of columns (3360 rows)
+#   were 2-7% slower than 7.7 MB ones (a 32 MiB L3).
 # - derivatives: chunks hold the four corners' rows and their scatter besides
 #   (about 5x a chunk's columns in temporaries), so they are smaller: 1/48 of
 #   the im2col matrix, within 1-2 MiB. CenterNet's forward+backward was 11%
@@ -110,8 +116,8 @@ class Spec(NamedTuple):
 # The policy is chosen when the computation is lowered
 # (``lax.platform_dependent``), so ``jax.export`` for another platform, or for
 # several, gets each platform's own.
-_PRIMAL_CHUNK_BYTES = {"cpu": (2**22, 2**23)}  # (smallest, largest)
-_PRIMAL_SHARE = 8  # a forward chunk's columns and points: at most 1/8 of the im2col matrix
+_PRIMAL_CHUNK_BYTES = {"cpu": (2**22, 10 * 2**20)}  # (smallest, largest)
+_PRIMAL_SHARE = 6  # a forward chunk's columns and points: at most 1/6 of the im2col matrix
 _TANGENT_CHUNK_BYTES = {"cpu": (2**20, 2**21)}  # (smallest, largest)
 _TANGENT_SHARE = 48  # a derivative chunk's columns: at most 1/48 of the im2col matrix
 
@@ -120,7 +126,7 @@ def chunk_rows(rows: Any, row_bytes: int, *, tangent: bool, point_bytes: int = 0
     """Rows per chunk on the CPU; None for one chunk.
 
     At most the rows of the chunk size: a forward chunk's ``row_bytes +
-    point_bytes`` per row (its columns and per-point arrays) at most 1/8 of
+    point_bytes`` per row (its columns and per-point arrays) at most 1/6 of
     the layer's columns ``rows * row_bytes``, a derivative chunk's columns at
     most 1/48 of them, each within its smallest and largest size in bytes of
     columns; a divisor of ``rows`` where
