@@ -250,8 +250,8 @@ def test_forward_chunks_grow_with_the_layer_within_bounds():
                      largest // row_bytes)
         assert rows % chunk == 0 and chunk <= target < 2 * chunk, name
     # the small layers keep the smallest chunks (4 MiB of columns); CenterNet's
-    # 75.5 MB of columns get four times their rows (9.4 MB), R50 c3's 155 MB
-    # the largest chunks in rows of 4608 bytes
+    # 75.5 MB of columns get 4096-row chunks (9.4 MB), R50 c3's 155 MB the
+    # largest (10 MiB: 2240 rows of 4608 bytes)
     assert chunks["A"] == 512 and chunks["edvr"] == 1024 and chunks["depthwise"] == 1792
     assert chunks["centernet"] == 4096 and chunks["r50_c3"] == 2240 and chunks["r50_c4"] == 1050
 

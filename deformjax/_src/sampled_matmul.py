@@ -104,7 +104,7 @@ class Spec(NamedTuple):
 #   they were; forward temporaries <= 0.20x. Bigger chunks are faster still
 #   at CenterNet (8192 rows), but their temporaries grow with the per-point
 #   arrays, hence counted, and R50 c3's 15.5 MB chunks of columns (3360 rows)
-#   were 2-7% slower than 7.7 MB ones (a 32 MiB L3).
+#   were 2-7% slower than 7.7 MB ones (this CPU: a 32 MiB L3).
 # - derivatives: chunks hold the four corners' rows and their scatter besides
 #   (about 5x a chunk's columns in temporaries), so they are smaller: 1/48 of
 #   the im2col matrix, within 1-2 MiB. CenterNet's forward+backward was 11%
