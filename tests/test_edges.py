@@ -385,19 +385,20 @@ def _conditionals_with_and_without_fence(monkeypatch, fn, *operands):
 
 
 def test_derivative_points_are_written_out_once(rng, monkeypatch):
-    """On a CPU the forward's flat coordinates, and the derivative's coordinates, corner rows
-    and weights, and split offset tangent, are the results of conditionals (sampling.fenced)
-    that survive compilation: were their predicate one XLA can decide, XLA would drop them,
-    every per-corner and per-channel reader would repeat the points' arithmetic, and the
-    corners' loops would run scalar (docs/performance.md: EDVR's forward 52 -> 35 ms and
-    forward+backward -15% with the flat, written-out coordinates)."""
+    """On a CPU the forward's flat coordinates and weights, and the derivative's coordinates,
+    corner rows and weights, and split offset tangent, are the results of conditionals
+    (sampling.fenced) that survive compilation: were their predicate one XLA can decide, XLA
+    would drop them, every per-corner and per-channel reader would repeat the points'
+    arithmetic, and the corners' loops would run scalar (docs/performance.md: EDVR's forward
+    52 -> 35 ms and forward+backward -15% with the flat, written-out coordinates; its forward
+    -7% with the index computed from the written-out weights)."""
     x, offset, kernel, mask = conv_case(rng, n=1)
     forward = lambda x, o, m: CONV(x, o, kernel, m)  # noqa: E731
     grad = jax.grad(lambda x, o, m: (forward(x, o, m) ** 2).sum(), argnums=(0, 1, 2))
     fenced, plain = _conditionals_with_and_without_fence(monkeypatch, forward, x, offset, mask)
-    assert fenced == plain + 1
+    assert fenced == plain + 2
     fenced, plain = _conditionals_with_and_without_fence(monkeypatch, grad, x, offset, mask)
-    assert fenced == plain + 4
+    assert fenced == plain + 5  # the primal's two and the derivative chunks' three
 
 
 def test_cpu_forward_takes_corner_major_index_and_weights(rng):
@@ -457,8 +458,8 @@ def test_cpu_sampler_layout_has_the_accelerators_derivatives(rng, monkeypatch):
 
 @pytest.mark.parametrize("row0", ["finite", "infinite"])
 def test_corner_leading_gather_has_the_gathers_values(rng, row0):
-    """sampling.corners_leading + gather_leading (the CPU forward's sampler, on the image
-    without a zero row) give gather's values: out of the image, at integer coordinates next to
+    """sampling.read_weights_leading, read_index_leading and gather_leading (the CPU forward's
+    sampler, on the image without a zero row) give gather's values: out of the image, at integer coordinates next to
     the border, with NaN points, an infinite pixel read with weight 0 (0) or not (inf), a zero,
     an infinite and a NaN scale; with a finite row 0 (where corners that read nothing are sent: the fast
     branch) and an infinite one (the branch that masks their rows)."""
@@ -478,8 +479,16 @@ def test_corner_leading_gather_has_the_gathers_values(rng, row0):
     pts = sampling.points(jnp.asarray(y), jnp.asarray(x), 0, size=(h, w), mode="zeros")
     index, weights = sampling.corners(pts, zero_row=h * w, scale=jnp.asarray(scale))
     expected = sampling.gather(image, index, weights)
-    index, weights = sampling.corners_leading(pts, zero_row=h * w, scale=jnp.asarray(scale))
+    weights = sampling.read_weights_leading(pts, jnp.asarray(scale))
+    index = sampling.read_index_leading(pts, weights)
     assert index.shape == weights.shape == (4,) + y.shape
+    # corners that read nothing read row 0 of the image without its zero row, with weight * 0
+    lead_index, lead_weights = sampling.corners_leading(pts, zero_row=h * w,
+                                                        scale=jnp.asarray(scale))
+    reads = np.isfinite(lead_weights) & (lead_weights != 0)
+    np.testing.assert_array_equal(index, np.where(reads, lead_index, 0))
+    np.testing.assert_array_equal(weights, np.where(reads, lead_weights, lead_weights * 0))
+    assert (index < h * w).all() and (~reads).any() and reads.any()
     # gather_leading samples the image without its zero row
     out = sampling.gather_leading(image[:-1], index, weights, guard=sampling.bounds_guard(index))
     np.testing.assert_array_equal(out, expected)

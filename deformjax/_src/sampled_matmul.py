@@ -28,11 +28,12 @@ transposed; the kernel, which is small, is rearranged to match
 
 On a CPU the points are computed from flat coordinates written out first
 (:func:`_coordinates` behind ``sampling.fenced``), and their corner rows and
-weights with the corner axis first (``sampling.corners_leading``), so that
-LLVM vectorizes the loops over the points (:func:`_rows_flat`,
+weights with the corner axis first (``sampling.corners_leading``; in the
+forward, the index from the weights written out, ``read_index_leading``), so
+that LLVM vectorizes the loops over the points (:func:`_rows_flat`,
 :func:`_tangent_points_flat`); other platforms keep the per-point layout
-(``(rows, G, K, 4)``), the one measured on GPUs. Both give the same values and
-derivatives (tested).
+(``(rows, G, K, 4)``), the one measured on GPUs. Both give the same values
+and derivatives (tested).
 
 The tangent rule is ordinary differentiable JAX, so forward mode, reverse
 mode, and derivatives of any order all work, and all of them equal those of
@@ -313,15 +314,23 @@ def _rows_by_point(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
 def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     """:func:`_rows` from flat coordinates, written out once (``sampling.fenced``).
 
-    Their index and weights, corner axis first (``sampling.corners_leading``),
-    then come from vectorized loops over the points: EDVR's forward 52 -> 35
-    ms, the depthwise shape's 56 -> 40, the small one's 0.49 -> 0.36, the
-    others 2-6% faster (interleaved A/B, 2-core EPYC, benchmarks/bench.py
-    shapes); with the coordinates computed inside that loop, from the
-    offsets' ``(rows, G, K)`` layout, it stayed scalar.
+    Their weights, corner axis first, then come from a vectorized loop over
+    the points and are written out too (``sampling.read_weights_leading``);
+    the index from them (``sampling.read_index_leading``), each image's first
+    row computed in its loop, not written out: EDVR's forward 52 -> 35 ms
+    with the flat, corner-major layout, the depthwise shape's 56 -> 40, the
+    small one's 0.49 -> 0.36, the others 2-6% faster (2-core EPYC); then the
+    index from the weights instead of repeating their arithmetic, and without
+    a per-point array of first rows, EDVR's 11.2-11.7 -> 10.0-10.2 ms and
+    CenterNet's -2..-5% (Zen 5 EPYC; interleaved A/B, benchmarks/bench.py
+    shapes). With the coordinates computed inside the index's and weights'
+    loops, from the offsets' ``(rows, G, K)`` layout, those stayed scalar.
     """
-    coords = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
-    index, weights = _flat_corners(spec, *coords)
+    y, x, scale = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
+    weights = sampling.fenced(lambda y, x, scale: sampling.read_weights_leading(
+        _flat_points(spec, y, x, 0), scale), y, x, scale)
+    index = sampling.read_index_leading(_flat_points(spec, y, x, _first_rows(spec, origin)),
+                                        weights)
     cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 
@@ -329,23 +338,29 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
 def _coordinates(spec: Spec, origin, offset, mask):
     """Flat ``(rows * G * K,)`` coordinates of some output rows, in the offsets' order.
 
-    Returns ``(y, x, first_row, scale)``: the sampling points' row and column,
-    the image matrix's row of their image's first pixel plus their group
-    (``sampling.points``' ``first_row``), and the modulation (None when not
-    ``spec.modulated``).
+    Returns ``(y, x, scale)``: the sampling points' row and column and the
+    modulation (None when not ``spec.modulated``).
     """
     (kh, kw), (dh, dw) = spec.kernel_hw, spec.dilation
-    groups, acc = spec.groups, spec.acc_dtype
-    h, w = spec.image_hw
+    acc = spec.acc_dtype
     tap_y = np.repeat(np.arange(kh) * dh, kw).astype(np.int32)  # (K,), tap t = i * kw + j
     tap_x = np.tile(np.arange(kw) * dw, kh).astype(np.int32)
     dy, dx = _split(spec, offset.astype(acc))  # (rows, G, K)
     y = (origin[:, 1, None] + tap_y).astype(acc)[:, None, :] + dy
     x = (origin[:, 2, None] + tap_x).astype(acc)[:, None, :] + dx
-    group = np.arange(groups, dtype=np.int32)[:, None]
-    first_row = jnp.broadcast_to(origin[:, 0, None, None] * (h * w * groups) + group, dy.shape)
     scale = mask.astype(acc).reshape(-1) if spec.modulated else None
-    return y.reshape(-1), x.reshape(-1), first_row.reshape(-1), scale
+    return y.reshape(-1), x.reshape(-1), scale
+
+
+def _first_rows(spec: Spec, origin):
+    """Flat ``(rows * G * K,)`` ``first_row`` (``sampling.points``) of :func:`_coordinates`' points.
+
+    Per point, the image matrix's row of its image's first pixel plus its group.
+    """
+    h, w = spec.image_hw
+    group = np.arange(spec.groups, dtype=np.int32)[:, None]
+    rows = origin[:, 0, None, None] * (h * w * spec.groups) + group
+    return jnp.broadcast_to(rows, (origin.shape[0], spec.groups, spec.taps)).reshape(-1)
 
 
 def _flat_points(spec: Spec, y, x, first_row, *, derivatives=False) -> sampling.Points:
@@ -354,10 +369,10 @@ def _flat_points(spec: Spec, y, x, first_row, *, derivatives=False) -> sampling.
                            first_row=first_row, derivatives=derivatives)
 
 
-def _flat_corners(spec: Spec, y, x, first_row, scale):
+def _flat_corners(spec: Spec, origin, y, x, scale):
     """Index and weights ``(4, rows * G * K)`` of :func:`_coordinates`' flat coordinates."""
     h, w = spec.image_hw
-    return sampling.corners_leading(_flat_points(spec, y, x, first_row),
+    return sampling.corners_leading(_flat_points(spec, y, x, _first_rows(spec, origin)),
                                     zero_row=spec.batch * h * w * spec.groups, scale=scale)
 
 
@@ -503,16 +518,17 @@ def _tangent_points_flat(spec: Spec, has_points: bool, origin, offset, mask, d_o
 
     As in the forward (:func:`_rows_flat`): the coordinates are written out
     flat, the index and weights are computed from them with the corner axis
-    first (vectorized) and written out once for their many readers, and the
+    first (vectorized; each image's first row computed in the index's loop,
+    not written out with the coordinates: EDVR's forward+backward -10%) and
+    written out once for their many readers, and the
     weights' tangent is stacked on the leading corner axis
     (``sampling.weights_tangent_leading``). Returned in the per-point layout
     (small transposes) for the gathers, the scatter and the batched product.
     """
-    coords = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
-    index, weights = sampling.fenced(functools.partial(_flat_corners, spec), *coords)
+    y, x, scale = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
+    index, weights = sampling.fenced(functools.partial(_flat_corners, spec), origin, y, x, scale)
     d_weights = None
     if has_points:
-        y, x, first_row, scale = coords
         # The offsets' tangent split into flat dy and dx behind a fence too:
         # in reverse mode its transpose then interleaves cotangents computed
         # by vectorized loops over the points, where XLA otherwise fused their
@@ -521,7 +537,7 @@ def _tangent_points_flat(spec: Spec, has_points: bool, origin, offset, mask, d_o
             lambda offset, d_offset: tuple(d.reshape(-1) for d in _split(spec, d_offset)),
             offset, d_offset)
         d_scale = d_mask.reshape(-1) if spec.modulated else None
-        pts = _flat_points(spec, y, x, first_row, derivatives=True)
+        pts = _flat_points(spec, y, x, 0, derivatives=True)  # for the weights only
         d_weights = sampling.weights_tangent_leading(pts, scale, d_y, d_x, d_scale).T
     shape = (offset.shape[0], spec.groups * spec.taps, 4)
     return (index.T.reshape(shape), weights.T.reshape(shape),

@@ -272,6 +272,31 @@ def corners_leading(
     return jnp.where(inside & ~pts.nan, index, zero_row), weights
 
 
+def read_weights_leading(pts: Points, scale: jax.Array | None = None) -> jax.Array:
+    """:func:`corners_leading`'s weights ``(4,) + S`` as :func:`gather_leading` takes them.
+
+    A corner that reads nothing (weight 0 or not finite: outside the image, a
+    NaN point, a zero or infinite scale) has its weight times 0 (0, or NaN), as
+    :func:`gather` counts it. Values only (no derivative for the choice).
+    """
+    weights = _leading_weights(pts.fy, pts.fx, scale, pts.iy_low, pts.iy_high, pts.ix_low,
+                               pts.ix_high, pts.nan)
+    return jnp.where(_reads(weights), weights, weights * 0)
+
+
+def read_index_leading(pts: Points, weights: jax.Array) -> jax.Array:
+    """The rows ``(4,) + S`` of the corners of :func:`read_weights_leading`'s ``weights``.
+
+    Row 0 for a corner that reads nothing (its weight is 0 or not finite),
+    else the corner's row of the image without its zero row. From the weights
+    written out beforehand, so that the index's loop does not repeat their
+    arithmetic (EDVR's forward -7%, docs/performance.md).
+    """
+    lead = functools.partial(_leading, ndim=jnp.ndim(pts.fy))
+    index = pts.low + lead(0, pts.y_rows, _CORNER_HIGH_Y) + lead(0, pts.x_rows, _CORNER_HIGH_X)
+    return jnp.where(_reads(weights), index, 0)
+
+
 def _leading(low, high, along, ndim):
     """``(4,) + S``: per corner, ``high`` where ``along`` (the corners' pattern) holds.
 
@@ -682,26 +707,23 @@ def weighted_rows(
 
 def gather_leading(image: jax.Array, index: jax.Array, weights: jax.Array, *,
                    guard: jax.Array) -> jax.Array:
-    """Values of :func:`gather` for :func:`corners_leading`'s ``(4,) + S`` index and weights.
+    """:func:`gather`'s values for :func:`read_index_leading`'s ``(4,) + S`` index and weights.
 
     ``S + (C,)``: ``sum_q weights[q] * image[index[q]]``, behind the bounds
     guard (see ``_guarded_rows``; ``guard`` is :func:`bounds_guard` of
     ``index``), from an ``image`` of ``(rows, C)`` *without* the zero row
     (at least one row where any point is sampled): no copy of the image with
-    a zero row appended. A corner whose weight is 0 or not finite reads row 0
-    instead, with its weight times 0 (0, or NaN for a NaN or infinite weight:
-    :func:`gather`'s ``weight * 0``), chosen by its index before the guard,
-    so that the gather needs no mask per channel; that is exact where row 0
-    is finite, which the guard's conditional checks (:func:`first_row_finite`),
-    its other branch masking those corners' rows instead. The choice depends
-    on the weights' values, so it has no derivative with respect to them (at
-    an integer coordinate the far corner has weight 0 but not derivative 0):
-    for values only, e.g. a ``custom_jvp``'s primal. Values and derivatives:
-    :func:`gather`.
+    a zero row appended. A corner that reads nothing (weight 0 or not finite)
+    comes with row 0 and its weight times 0 (0, or NaN for a NaN or infinite
+    weight: :func:`gather`'s ``weight * 0``), so that the gather needs no mask
+    per channel; that is exact where row 0 is finite, which the guard's
+    conditional checks (:func:`first_row_finite`), its other branch masking
+    those corners' rows instead. The choice depends on the weights' values, so
+    it has no derivative with respect to them (at an integer coordinate the
+    far corner has weight 0 but not derivative 0): for values only, e.g. a
+    ``custom_jvp``'s primal. Values and derivatives: :func:`gather`. (The
+    weights: :func:`read_weights_leading`.)
     """
-    reads = _reads(weights)
-    index = jnp.where(reads, index, 0)
-    weights = jnp.where(reads, weights, weights * 0)
     rows = functools.partial(_rows_by_corner, corner_axis=0)
     return _guarded(rows, image, index, weights, guard & first_row_finite(image),
                     safe=functools.partial(rows, skip_zero_weights=True))
