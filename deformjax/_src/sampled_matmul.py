@@ -315,22 +315,30 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     """:func:`_rows` from flat coordinates, written out once (``sampling.fenced``).
 
     Their weights, corner axis first, then come from a vectorized loop over
-    the points and are written out too (``sampling.read_weights_leading``);
-    the index from them (``sampling.read_index_leading``), each image's first
-    row computed in its loop, not written out: EDVR's forward 52 -> 35 ms
-    with the flat, corner-major layout, the depthwise shape's 56 -> 40, the
-    small one's 0.49 -> 0.36, the others 2-6% faster (2-core EPYC); then the
-    index from the weights instead of repeating their arithmetic, and without
-    a per-point array of first rows, EDVR's 11.2-11.7 -> 10.0-10.2 ms and
-    CenterNet's -2..-5% (Zen 5 EPYC; interleaved A/B, benchmarks/bench.py
-    shapes). With the coordinates computed inside the index's and weights'
-    loops, from the offsets' ``(rows, G, K)`` layout, those stayed scalar.
+    the points and are written out too (``sampling.read_weights_leading``),
+    with the low corners' rows (each image's first row computed there, not
+    written out with the coordinates); the index from both
+    (``sampling.read_index_leading``). EDVR's forward 52 -> 35 ms with the
+    flat, corner-major layout, the depthwise shape's 56 -> 40, the small
+    one's 0.49 -> 0.36, the others 2-6% faster (2-core EPYC); then, with the
+    index from the weights instead of repeating their arithmetic and without a
+    per-point array of first rows, EDVR's 11.2-11.7 -> 10.0-10.2 ms and
+    CenterNet's -2..-5%; then, with the low rows written out beside the
+    weights, -3..-5% at EDVR, CenterNet, A and the depthwise layer (Zen 5 EPYC;
+    interleaved A/B, benchmarks/bench.py shapes). With the coordinates
+    computed inside the index's and weights' loops, from the offsets'
+    ``(rows, G, K)`` layout, those stayed scalar.
     """
     y, x, scale = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
-    weights = sampling.fenced(lambda y, x, scale: sampling.read_weights_leading(
-        _flat_points(spec, y, x, 0), scale), y, x, scale)
-    index = sampling.read_index_leading(_flat_points(spec, y, x, _first_rows(spec, origin)),
-                                        weights)
+
+    def weights_and_low(y, x, scale, origin):
+        pts = _flat_points(spec, y, x, _first_rows(spec, origin))
+        return sampling.read_weights_leading(pts, scale), pts.low
+
+    weights, low = sampling.fenced(weights_and_low, y, x, scale, origin)
+    # the index reads the low corners' rows and the weights, both written out
+    pts = _flat_points(spec, y, x, 0)._replace(low=low)
+    index = sampling.read_index_leading(pts, weights)
     cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 

@@ -288,9 +288,11 @@ def read_index_leading(pts: Points, weights: jax.Array) -> jax.Array:
     """The rows ``(4,) + S`` of the corners of :func:`read_weights_leading`'s ``weights``.
 
     Row 0 for a corner that reads nothing (its weight is 0 or not finite),
-    else the corner's row of the image without its zero row. From the weights
-    written out beforehand, so that the index's loop does not repeat their
-    arithmetic (EDVR's forward -7%, docs/performance.md).
+    else the corner's row of the image without its zero row. Of ``pts`` only
+    the low corner's row and the steps to the others are read: with the
+    weights and the low rows written out beforehand, the index's loop does
+    not repeat their arithmetic (EDVR's forward -7%, then -4%,
+    docs/performance.md).
     """
     lead = functools.partial(_leading, ndim=jnp.ndim(pts.fy))
     index = pts.low + lead(0, pts.y_rows, _CORNER_HIGH_Y) + lead(0, pts.x_rows, _CORNER_HIGH_X)
