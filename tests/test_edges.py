@@ -459,10 +459,11 @@ def test_cpu_sampler_layout_has_the_accelerators_derivatives(rng, monkeypatch):
 @pytest.mark.parametrize("row0", ["finite", "infinite"])
 def test_corner_leading_gather_has_the_gathers_values(rng, row0):
     """sampling.read_weights_leading, read_index_leading and gather_leading (the CPU forward's
-    sampler, on the image without a zero row) give gather's values: out of the image, at integer coordinates next to
-    the border, with NaN points, an infinite pixel read with weight 0 (0) or not (inf), a zero,
-    an infinite and a NaN scale; with a finite row 0 (where corners that read nothing are sent: the fast
-    branch) and an infinite one (the branch that masks their rows)."""
+    sampler, on the image without a zero row) give gather's values: out of the image, at
+    integer coordinates next to the border, with NaN points, an infinite pixel read with weight
+    0 (0) or not (inf), a zero, an infinite and a NaN scale; with a finite row 0 (where corners
+    that read nothing are sent: the fast branch) and an infinite one (the branch that masks
+    their rows)."""
     from deformjax._src import sampling
 
     h, w, c = 5, 6, 3
@@ -480,7 +481,7 @@ def test_corner_leading_gather_has_the_gathers_values(rng, row0):
     index, weights = sampling.corners(pts, zero_row=h * w, scale=jnp.asarray(scale))
     expected = sampling.gather(image, index, weights)
     weights = sampling.read_weights_leading(pts, jnp.asarray(scale))
-    index = sampling.read_index_leading(pts, weights)
+    index = sampling.read_index_leading(pts.low, weights, y_rows=pts.y_rows, x_rows=pts.x_rows)
     assert index.shape == weights.shape == (4,) + y.shape
     # corners that read nothing read row 0 of the image without its zero row, with weight * 0
     lead_index, lead_weights = sampling.corners_leading(pts, zero_row=h * w,

@@ -336,9 +336,9 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
         return sampling.read_weights_leading(pts, scale), pts.low
 
     weights, low = sampling.fenced(weights_and_low, y, x, scale, origin)
-    # the index reads the low corners' rows and the weights, both written out
-    pts = _flat_points(spec, y, x, 0)._replace(low=low)
-    index = sampling.read_index_leading(pts, weights)
+    # steps to the corner below (an image row of pixels, G blocks each) and to the right (one pixel)
+    index = sampling.read_index_leading(low, weights, y_rows=spec.image_hw[1] * spec.groups,
+                                        x_rows=spec.groups)
     cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
     return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
 

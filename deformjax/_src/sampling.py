@@ -284,18 +284,18 @@ def read_weights_leading(pts: Points, scale: jax.Array | None = None) -> jax.Arr
     return jnp.where(_reads(weights), weights, weights * 0)
 
 
-def read_index_leading(pts: Points, weights: jax.Array) -> jax.Array:
+def read_index_leading(low: jax.Array, weights: jax.Array, *, y_rows, x_rows) -> jax.Array:
     """The rows ``(4,) + S`` of the corners of :func:`read_weights_leading`'s ``weights``.
 
     Row 0 for a corner that reads nothing (its weight is 0 or not finite),
-    else the corner's row of the image without its zero row. Of ``pts`` only
-    the low corner's row and the steps to the others are read: with the
-    weights and the low rows written out beforehand, the index's loop does
-    not repeat their arithmetic (EDVR's forward -7%, then -4%,
-    docs/performance.md).
+    else the corner's row of the image without its zero row: ``low`` (a
+    :class:`Points`' low corner row, ``S``) plus ``y_rows`` and ``x_rows``
+    (its steps to the row below and the column right). From the weights and
+    the low rows written out beforehand, so that the index's loop does not
+    repeat their arithmetic (EDVR's forward -7%, then -4%, docs/performance.md).
     """
-    lead = functools.partial(_leading, ndim=jnp.ndim(pts.fy))
-    index = pts.low + lead(0, pts.y_rows, _CORNER_HIGH_Y) + lead(0, pts.x_rows, _CORNER_HIGH_X)
+    lead = functools.partial(_leading, ndim=jnp.ndim(low))
+    index = low + lead(0, y_rows, _CORNER_HIGH_Y) + lead(0, x_rows, _CORNER_HIGH_X)
     return jnp.where(_reads(weights), index, 0)
 
 
