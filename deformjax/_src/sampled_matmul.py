@@ -261,7 +261,7 @@ def _flat(a):
 def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
     """Group-major columns ``(rows, G * K * C_in / G)`` times the kernel: ``(rows, C_out)``.
 
-    In acc_dtype. The kernel ``(K, C_in / F, F, C_out / F)`` is rearranged to the columns'
+    In acc_dtype. The kernel ``(K * C_in / F, C_out)`` is rearranged to the columns'
     order (cheap: it is small), not the columns to the kernel's.
     """
     rows, fg, groups, taps = cols.shape[0], spec.feature_groups, spec.groups, spec.taps
@@ -270,7 +270,9 @@ def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
     dot = functools.partial(jnp.einsum, precision=spec.precision,
                             preferred_element_type=spec.acc_dtype)
     if fg == 1:  # one plain matrix product, which XLA lays out best
-        k = kmat.reshape(taps, groups, cg, spec.c_out).transpose(1, 0, 2, 3)
+        k = kmat
+        if groups > 1:
+            k = kmat.reshape(taps, groups, cg, spec.c_out).transpose(1, 0, 2, 3)
         return jnp.dot(cols, k.reshape(-1, spec.c_out), precision=spec.precision,
                        preferred_element_type=spec.acc_dtype)
     c_f, o_f = spec.c_in // fg, spec.c_out // fg  # per feature group
@@ -284,7 +286,8 @@ def _times_kernel(spec: Spec, cols, kmat) -> jax.Array:
                   kmat.reshape(taps, b, cg, fg, o_f))
     else:  # neither: the columns to tap-major order
         cols = cols.reshape(rows, groups, taps, cg).transpose(0, 2, 1, 3)
-        out = dot("mkfc,kcfo->mfo", cols.reshape(rows, taps, fg, c_f), kmat)
+        out = dot("mkfc,kcfo->mfo", cols.reshape(rows, taps, fg, c_f),
+                  kmat.reshape(taps, c_f, fg, o_f))
     return out.reshape(rows, spec.c_out)
 
 
@@ -402,7 +405,10 @@ def deform_matmul(spec: Spec, image, offset, mask, kmat) -> jax.Array:
         (``sampling.with_zero_row``), for their gathers and the scatter.
       offset: ``(M, G * K * 2)`` with ``M = N * H_out * W_out`` rows.
       mask: ``(M, G * K)``; ignored (any array) when not ``spec.modulated``.
-      kmat: ``(K, C_in / F, F, C_out / F)`` kernel.
+      kmat: ``(K * C_in / F, C_out)``, the kernel ``(kh, kw, C_in / F, C_out)``
+        flattened (a 2-D operand: a degenerate axis, such as ``F = 1`` in
+        ``(K, C_in / F, F, C_out / F)``, made XLA copy the kernel to another
+        layout of the same bytes before the loop and in the derivatives).
 
     Returns:
       ``(M, C_out)`` in ``spec.acc_dtype``.
