@@ -135,7 +135,7 @@ def _deform_conv(x, offset, kernel, mask, bias, *, strides, pads, dilation, feat
         x.astype(dtype).reshape(n * h * w * groups, c_in // groups),
         offset.reshape(m, groups * taps * 2),
         jnp.zeros((m, 0), acc) if mask is None else mask.reshape(m, groups * taps),
-        kernel.astype(dtype).reshape(taps * (c_in // fg), c_out),
+        sampled_matmul.kernel_matrix(spec, kernel.astype(dtype)),
     ).reshape(n, ho, wo, c_out)
     if bias is not None:
         out = out + bias.astype(acc)
