@@ -307,8 +307,8 @@ def _kernel_sized_copies(fn, *args, size):
             op = match.group(2)
             if op == "fusion":
                 called = re.search(r"calls=%([\w.\-]+)", line).group(1)
-                ops = {m.group(1) for m in
-                       (re.match(r"(?:ROOT )?%\S+ = \S+ ([\w-]+)\(", x) for x in bodies[called]) if m}
+                steps = (re.match(r"(?:ROOT )?%\S+ = \S+ ([\w-]+)\(", x) for x in bodies[called])
+                ops = {m.group(1) for m in steps if m}
                 if not ops <= moves:
                     continue
             elif op not in ("copy", "transpose"):

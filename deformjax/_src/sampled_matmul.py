@@ -259,15 +259,15 @@ def _flat(a):
 
 
 def kernel_matrix(spec: Spec, kernel) -> jax.Array:
-    """The kernel ``(kh, kw, C_in / F, C_out)`` as :func:`deform_matmul` takes it, ``(K * C_in / F, C_out)``.
+    """The kernel ``(kh, kw, C_in / F, C_out)`` as :func:`deform_matmul` takes it.
 
-    With one feature group its rows are in the columns' group-major order
-    ``(G, K, C_in / G)``, else in the kernel's own ``(K, C_in / F)``. Arranged
-    once, outside the chunk loops: inside them XLA repeated the rearrangement
-    in every chunk (R50 c4's 2.25 MiB kernel, in each forward and derivative
-    chunk). A 2-D matrix: a degenerate axis, such as ``F = 1`` in ``(K, C_in /
-    F, F, C_out / F)``, made XLA copy the kernel to another layout of the same
-    bytes before the loops.
+    ``(K * C_in / F, C_out)``; with one feature group its rows are in the
+    columns' group-major order ``(G, K, C_in / G)``, else in the kernel's own
+    ``(K, C_in / F)``. Arranged once, outside the chunk loops: inside them XLA
+    repeated the rearrangement in every chunk (R50 c4's 2.25 MiB kernel, in
+    each forward and derivative chunk). A 2-D matrix: a degenerate axis, such
+    as ``F = 1`` in ``(K, C_in / F, F, C_out / F)``, made XLA copy the kernel
+    to another layout of the same bytes before the loops.
     """
     if spec.feature_groups == 1 and spec.groups > 1:
         cg = spec.c_in // spec.groups
