@@ -90,7 +90,7 @@ floor_rows.real = sampled_matmul._rows_flat
 
 
 def case(shape, repeats):
-    n, h, w, c_in, c_out, groups, fg = shape
+    fg = shape[6]  # feature groups
     x, offset, mask, kernel = (jnp.asarray(a) for a in conv_inputs(shape))
 
     def layer(x, offset, mask, kernel):
