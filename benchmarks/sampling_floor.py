@@ -11,7 +11,7 @@ made to depend on the chunk (XLA would otherwise compute the loop-invariant
 gather and product once for all chunks). What remains is the loop, the
 slices, the gather of the columns, the matrix product and the output update;
 what is gone is the coordinates, the weights and the index
-(``sampled_matmul._rows_flat``'s two fences and the index's select). The
+(``sampled_matmul._read_corners_flat``: two fences and the index's select). The
 floor's ratio to ``lax.conv_general_dilated`` is the best the forward could
 reach with XLA's gather on the machine; its difference to the forward is
 what the sampling arithmetic costs. A benchmark of internals, on a CPU only
@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from deformjax import deform_conv
-from deformjax._src import sampled_matmul, sampling
+from deformjax._src import sampled_matmul
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench import SHAPES, conv_inputs, cpu_model  # noqa: E402
@@ -60,33 +60,26 @@ def layer_spec(fn, *args) -> sampled_matmul.Spec:
     return seen[0]
 
 
-def first_chunk_points(spec, x, offset, mask):
-    """Chunk 0's corner index and weights ``(4, chunk * G * K)``, as ``_rows_flat`` has them."""
+def first_chunk_points(spec, offset, mask):
+    """Chunk 0's corner index and weights ``(4, chunk * G * K)``, as the forward computes them."""
     rows = spec.chunk or spec.rows
-    origin = sampled_matmul.origins(spec)[:rows]
-    y, xs, scale = sampled_matmul._coordinates(spec, origin, offset.reshape(spec.rows, -1)[:rows],
-                                               mask.reshape(spec.rows, -1)[:rows])
-    pts = sampled_matmul._flat_points(spec, y, xs, sampled_matmul._first_rows(spec, origin))
-    weights = sampling.read_weights_leading(pts, scale)
-    index = sampling.read_index_leading(pts.low, weights, y_rows=spec.image_hw[1] * spec.groups,
-                                        x_rows=spec.groups)
-    return index, weights
+    return sampled_matmul._read_corners_flat(spec, sampled_matmul.origins(spec)[:rows],
+                                             offset.reshape(spec.rows, -1)[:rows],
+                                             mask.reshape(spec.rows, -1)[:rows])
 
 
-def floor_rows(index, weights, spec, image, origin, offset, mask, kmat):
-    """``_rows_flat`` with the given index and weights in place of the chunk's own."""
+def floor_corners(index, weights, spec, origin, offset, mask):
+    """``_read_corners_flat`` answered with the given index and weights, not computed."""
     if index.shape[1] != offset.shape[0] * spec.groups * spec.taps:
         # not a chunk of the CPU loop (the one-chunk branch traced for other
         # platforms): the real thing, never run here
-        return floor_rows.real(spec, image, origin, offset, mask, kmat)
+        return floor_corners.real(spec, origin, offset, mask)
     # depend on the chunk (origin[0, 0] >= 0), so that the gather stays in the loop
-    index = jnp.minimum(index, index + origin[0, 0])
-    weights = jnp.where(origin[0, 0] >= 0, weights, 2 * weights)
-    cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
-    return sampled_matmul._times_kernel(spec, cols.reshape(offset.shape[0], -1), kmat)
+    return (jnp.minimum(index, index + origin[0, 0]),
+            jnp.where(origin[0, 0] >= 0, weights, 2 * weights))
 
 
-floor_rows.real = sampled_matmul._rows_flat
+floor_corners.real = sampled_matmul._read_corners_flat
 
 
 def case(shape, repeats):
@@ -102,11 +95,12 @@ def case(shape, repeats):
                                         feature_group_count=fg)
 
     spec = layer_spec(layer, x, offset, mask, kernel)
-    index, weights = first_chunk_points(spec, x, offset, mask)
+    index, weights = first_chunk_points(spec, offset, mask)
     compiled = {}
     for name in ("forward", "floor"):
         if name == "floor":
-            sampled_matmul._rows_flat = functools.partial(floor_rows, index, weights)
+            sampled_matmul._read_corners_flat = functools.partial(floor_corners, index,
+                                                                  weights)
         try:
             # jax.clear_caches() between the variants: deform_conv's inner jit would
             # otherwise keep the first one's trace. Compiled executables are kept,
@@ -114,7 +108,7 @@ def case(shape, repeats):
             jax.clear_caches()
             compiled[name] = jax.jit(lambda *a: layer(*a)).lower(x, offset, mask, kernel).compile()
         finally:
-            sampled_matmul._rows_flat = floor_rows.real
+            sampled_matmul._read_corners_flat = floor_corners.real
     plain_fn = jax.jit(plain).lower(x, kernel).compile()
     calls = {
         "forward": lambda: compiled["forward"](x, offset, mask, kernel),

@@ -347,6 +347,17 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     computed inside the index's and weights' loops, from the offsets'
     ``(rows, G, K)`` layout, those stayed scalar.
     """
+    index, weights = _read_corners_flat(spec, origin, offset, mask)
+    cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
+    return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
+
+
+def _read_corners_flat(spec: Spec, origin, offset, mask):
+    """:func:`_rows_flat`'s index and weights ``(4, rows * G * K)`` for ``gather_leading``.
+
+    (``benchmarks/sampling_floor.py`` replaces this step to time the forward
+    without it.)
+    """
     y, x, scale = sampling.fenced(functools.partial(_coordinates, spec), origin, offset, mask)
 
     def weights_and_low(y, x, scale, origin):
@@ -357,8 +368,7 @@ def _rows_flat(spec: Spec, image, origin, offset, mask, kmat) -> jax.Array:
     # steps to the corner below (an image row of pixels, G blocks each) and to the right (one pixel)
     index = sampling.read_index_leading(low, weights, y_rows=spec.image_hw[1] * spec.groups,
                                         x_rows=spec.groups)
-    cols = sampling.gather_leading(image, index, weights, guard=sampling.bounds_guard(index))
-    return _times_kernel(spec, cols.reshape(offset.shape[0], spec.taps * spec.c_in), kmat)
+    return index, weights
 
 
 def _coordinates(spec: Spec, origin, offset, mask):
