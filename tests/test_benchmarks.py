@@ -66,8 +66,9 @@ def test_gpu_policy_refuses_an_unknown_policy(monkeypatch):
 
 
 def test_sampling_floor_smoke_run(tmp_path):
-    """The floor program runs without the sampling arithmetic's fences; at a one-chunk shape
-    its precomputed index and weights are the layer's own, so its output is the forward's."""
+    """The floor program runs without the sampling arithmetic's fences, the product program
+    without any gather; at a one-chunk shape their precomputed index and weights, and
+    columns, are the layer's own, so their outputs are the forward's."""
     out = tmp_path / "floor.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sampling_floor.py"), "--shapes", "small",
@@ -78,10 +79,12 @@ def test_sampling_floor_smoke_run(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())["cases"]["small"]
     assert figures["one_chunk_max_abs_diff"] == 0.0
+    assert figures["one_chunk_product_max_abs_diff"] == 0.0
     # without the coordinates' and the weights' fences: the gather's guard is left
     assert figures["floor_conditionals"] < figures["forward_conditionals"]
+    assert figures["product_gathers"] == 0 < figures["forward_gathers"]
     assert figures["sampling_points"] == 2 * 16 * 16 * 9
-    assert all(figures[k] > 0 for k in ("forward_ms", "floor_ms", "lax_conv_ms"))
+    assert all(figures[k] > 0 for k in ("forward_ms", "floor_ms", "product_ms", "lax_conv_ms"))
 
 
 def test_roi_benchmark_smoke_run(tmp_path):
